@@ -1,0 +1,48 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv when missing and install the pinned requirements once per requirements hash.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+REQ_HASH := $(shell cat requirements.txt settings.ini setup.py | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+PYTEST_ARGS ?= -n 2
+
+.PHONY: setup demo test lab docs export clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt settings.ini setup.py
+	@echo "== setting up $(VENV) (requirements hash $(REQ_HASH))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m ipykernel install --user --name hrda --display-name "Python (hrda)" >/dev/null
+	@if [ -d .git ]; then $(BIN)/nbdev_install_hooks >/dev/null 2>&1 || echo "note: nbdev git hooks not installed"; fi
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "== $(VENV) is ready"
+
+demo: setup
+	@echo "== demo: environment record -> reports/demo/environment"
+	$(BIN)/papermill --cwd nbs/runs nbs/runs/environment.ipynb reports/demo/environment/environment.ipynb \
+		-p out_dir $(CURDIR)/reports/demo/environment -k python3 --no-progress-bar
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir nbs
+
+export: setup
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	$(BIN)/python -c "from hrda.devtools import write_readme; write_readme()"
+
+docs: setup
+	$(BIN)/python -c "from hrda.devtools import build_docs; print('docs in', build_docs())"
+
+clean:
+	rm -rf _docs _proc .pytest_cache reports/_smoke
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -1,0 +1,33 @@
+"""Shared fixtures and the slow/gpu switches of the test suite."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--run-gpu", action="store_true", help="also run tests marked gpu (needs CUDA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for flag in ("slow", "gpu"):
+            if flag in item.keywords and not config.getoption(f"--run-{flag}"):
+                item.add_marker(pytest.mark.skip(reason=f"marked {flag}; run with --run-{flag}"))
+
+
+@pytest.fixture
+def repo_copy(tmp_path):
+    "A copy of the repository's sources (settings, notebooks, package, README) in a temporary folder."
+    dst = tmp_path / "repo"
+    dst.mkdir()
+    for name in ("settings.ini", "README.md"):
+        shutil.copy2(ROOT / name, dst / name)
+    for name in ("nbs", "hrda"):
+        shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    return dst

@@ -1,0 +1,22 @@
+"""`make docs` renders every notebook to a page, with an index page and working sidebar links."""
+import re
+from pathlib import Path
+
+from conftest import ROOT
+from hrda.devtools import build_docs, list_notebooks, page_name
+
+
+def test_docs_build_without_quarto(tmp_path):
+    out = build_docs(ROOT, out=tmp_path / "docs", use_quarto=False)
+    assert (out / "index.html").exists()
+    for nb in list_notebooks(ROOT):
+        page = out / page_name(nb.relative_to(ROOT / "nbs"))
+        assert page.exists(), f"no page for {nb.name}"
+    for page in out.rglob("*.html"):
+        text = page.read_text()
+        sidebar = re.search(r'<nav class="hrda-sidebar">(.*?)</nav>', text, re.S)
+        assert sidebar, f"{page.name} has no sidebar"
+        for href in re.findall(r'href="([^"#]+)"', sidebar.group(1)):
+            assert (page.parent / href).resolve().exists(), f"{page.name}: broken sidebar link {href}"
+    core = (out / "core.html").read_text()
+    assert "load_config" in core and "atomic_write" in core  # the API docs of exported functions are rendered

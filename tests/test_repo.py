@@ -1,0 +1,93 @@
+"""The repository keeps its promises: notebooks and package in sync, README from the index, pins consistent."""
+import configparser
+import json
+import re
+
+import nbformat
+
+from conftest import ROOT
+from hrda.devtools import exported_module, list_notebooks, readme_text, sync_problems
+
+
+def test_package_notebooks_and_readme_in_sync():
+    problems = sync_problems(ROOT)
+    assert not problems, "\n".join(problems)
+
+
+def test_hand_edit_of_generated_module_is_caught(repo_copy):
+    core = repo_copy / "hrda" / "core.py"
+    core.write_text(core.read_text().replace('"A logger that prints', '"A logger that shouts'))
+    problems = sync_problems(repo_copy)
+    assert len(problems) == 1 and problems[0].startswith("hrda/core.py is out of sync")
+    assert "run `make export`" in problems[0] and "nbdev_update" in problems[0]
+
+
+def test_unclean_notebook_is_caught(repo_copy):
+    path = repo_copy / "nbs" / "00_core.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[0].execution_count = 7
+    nb.metadata["widgets"] = {"state": {}}
+    nbformat.write(nb, path)
+    problems = sync_problems(repo_copy)
+    assert problems == ["nbs/00_core.ipynb is not clean (execution counts, metadata or ids): run `make export` "
+                        "(it runs nbdev_clean), or save it from Jupyter with the nbdev hooks installed"]
+
+
+def test_readme_drift_is_caught(repo_copy):
+    readme = repo_copy / "README.md"
+    readme.write_text(readme.read_text() + "\nA line added by hand.\n")
+    assert sync_problems(repo_copy) == [
+        "README.md differs from nbs/index.ipynb: edit the notebook, not README.md, then run `make export`"]
+
+
+def test_code_map_lists_every_notebook_and_its_module():
+    readme = readme_text(ROOT)
+    for nb in list_notebooks(ROOT):
+        if nb.name == "index.ipynb":
+            continue
+        rel = nb.relative_to(ROOT).as_posix()
+        module = exported_module(nb)
+        row = next((l for l in readme.splitlines() if l.startswith(f"| `{rel}` |")), None)
+        assert row, f"{rel} is missing from the code map in nbs/index.ipynb"
+        expected = f"`hrda.{module}`" if module else "(papermill template)"
+        assert row.split("|")[2].strip() == expected, f"code map row of {rel} should name {expected}"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith(("#", "set ", "cd "))]
+    assert ci == ["make test"]
+    assert "make test" in (ROOT / "README.md").read_text() and "make demo" in (ROOT / "README.md").read_text()
+
+
+def test_every_package_requirement_is_pinned():
+    cfg = configparser.ConfigParser(delimiters=["="])
+    cfg.read(ROOT / "settings.ini")
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"requirements.txt: {line!r} is not pinned with =="
+            pins[name.lower()] = version
+    for key in ("requirements", "dev_requirements"):
+        for req in cfg["DEFAULT"][key].split():
+            name = re.split(r"[<>=!~\[]", req)[0].lower()
+            assert name in pins, f"settings.ini {key} names {name}, which requirements.txt does not pin"
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    assert (pins["nbdev"], pins["execnb"], pins["fastcore"], pins["ghapi"]) == ("2.4.14", "0.1.18", "1.14.5", "1.1.1")
+
+
+def test_settings_keep_papermill_tags_and_nbdev_flags():
+    cfg = configparser.ConfigParser(delimiters=["="])
+    cfg.read(ROOT / "settings.ini")
+    d = cfg["DEFAULT"]
+    assert d["allowed_cell_metadata_keys"] == "tags" and d["tst_flags"] == "notest slow gpu"
+    assert d["cell_number"] == "False" and d["jupyter_hooks"] == "True"
+
+
+def test_run_templates_export_nothing_and_have_outputs_cleared():
+    for nb_path in (ROOT / "nbs" / "runs").glob("*.ipynb"):
+        nb = json.loads(nb_path.read_text())
+        assert exported_module(nb_path) is None, f"{nb_path.name}: run templates export nothing"
+        assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), \
+            f"{nb_path.name}: executed copies belong in reports/, not nbs/"
