@@ -40,7 +40,7 @@ SYNTHIA_TO_TRAINID: dict[int, int] = {
 SYNTHIA_LABEL_IDS: tuple[int, ...] = tuple(range(23))  # 0 void .. 22 lane marking
 TRAINID_SUFFIX = "_labelTrainIds.png"  # GTA, Synthia and custom outputs: <id>_labelTrainIds.png
 
-# %% ../nbs/01_convert.ipynb #49206827
+# %% ../nbs/01_convert.ipynb #b2f82fb6
 class DataPrepError(ValueError):
     "A dataset that cannot be prepared or read as it is; the message names the file and the fix."
 
@@ -50,7 +50,7 @@ def read_label_ids(path: str | Path, # a label file of ids
     "The (H, W) label ids of a label file: palette/grey PNGs via PIL, Synthia's 16-bit multi-channel PNGs via OpenCV."
     path = Path(path)
     if channel_last:
-        ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if path.is_file() else None
         if ids is None: raise DataPrepError(f"{path}: OpenCV cannot read this file (missing, empty or not an image); "
                                             "extract it again from the download")
         return ids[..., -1] if ids.ndim == 3 else ids  # BGR order: the last channel is the first stored one

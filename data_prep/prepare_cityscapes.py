@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Convert Cityscapes gtFine *_gtFine_labelIds.png to *_gtFine_labelTrainIds.png, write the split lists and the class statistics.
+Usage: python data_prep/prepare_cityscapes.py data/cityscapes [--workers N] [--no-progress]
+
+A thin wrapper around hrda.convert.prepare_cli; see data_prep/README.md.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs from a clone without `pip install -e .`
+
+from hrda.convert import prepare_cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(prepare_cli("cityscapes"))
