@@ -265,7 +265,7 @@ def rcs_class_probs(stats: Sequence[dict], # the list of sample_class_stats.json
     freq = torch.tensor([totals[c] for c in classes], dtype=torch.float64)
     return classes, torch.softmax((1 - freq / freq.sum()) / temperature, dim=0)
 
-# %% ../nbs/01a_datasets.ipynb #17939a5f
+# %% ../nbs/01a_datasets.ipynb #de1bd8f6
 class RareClassSampler:
     "Draws (class, sample index) pairs of a source dataset by rare class sampling."
     def __init__(self, root: str | Path, # the source root, holding the statistics files
@@ -283,6 +283,7 @@ class RareClassSampler:
         if not keep: raise ValueError(f"rare class sampling: no file of {root} holds more than min_pixels="
                                       f"{cfg.min_pixels} pixels of a class; lower min_pixels or prepare the dataset again")
         self.classes, self.dropped = [classes[k] for k in keep], [c for c in classes if not self.samples[c]]
+        self.samples = {c: self.samples[c] for c in self.classes}
         self.probs = probs[keep] / probs[keep].sum()
 
     def sample(self, generator: torch.Generator) -> tuple[int, int]:
