@@ -84,7 +84,7 @@ def window_counts(boxes: Sequence[Box], # windows in the pixels of the map
     for y1, y2, x1, x2 in boxes: count[y1:y2, x1:x2] += 1
     return count
 
-# %% ../nbs/02_crops.ipynb #39ebb8e2
+# %% ../nbs/02_crops.ipynb #d76fbf53
 def crop_windows(x: torch.Tensor, # (B, C, H, W)
                  boxes: Sequence[Box], # n windows in the pixels of `x`
                 ) -> torch.Tensor:
@@ -102,9 +102,9 @@ def stitch_windows(windows: torch.Tensor, # (n·B, K, h, w) window-major predict
     out = windows.new_zeros(B, K, *out_hw)
     for i, (y1, y2, x1, x2) in enumerate(boxes):
         out[:, :, y1:y2, x1:x2] += windows[i * B:(i + 1) * B]
-    count = window_counts(boxes, out_hw).to(out)
+    count = window_counts(boxes, out_hw)  # on the CPU: the check needs no device sync
     if (count == 0).any(): raise ValueError(f"the windows do not cover the whole {tuple(out_hw)} map")
-    return out / count
+    return out / count.to(out)
 
 def insert_box(x: torch.Tensor, # (B, K, h, w) the content of the box
                box: Box, # where it goes, in the pixels of the output map

@@ -107,7 +107,7 @@ def seg_ce_loss(logits: torch.Tensor, # (B, K, h, w)
     acc = (logits.argmax(1) == label).float().mean() * 100
     return loss.mean(), acc.detach()
 
-# %% ../nbs/04_segmentor.ipynb #2829bbda
+# %% ../nbs/04_segmentor.ipynb #aeb58fc3
 def blur_downup(x: torch.Tensor) -> torch.Tensor:
     "Bilinear ×0.5 then ×2: the `blur_hr_crop` ablation's HR input without real detail."
     return resize(resize(x, scale=0.5), scale=2)
@@ -116,6 +116,11 @@ def _pad_to(x: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
     "Zero-pad `x` at the bottom and right to `hw` (zero = the mean colour of a normalised image)."
     H, W = x.shape[-2:]
     return x if (H, W) == tuple(hw) else F.pad(x, (0, hw[1] - W, 0, hw[0] - H))
+
+def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    "Scalar tensors as floats with one device sync (NaN on the 'meta' device, where shapes are all there is)."
+    values = torch.stack([v.detach().float() for v in logs.values()])
+    return dict(zip(logs, [math.nan] * len(logs) if values.is_meta else values.tolist()))
 
 BACKBONE_STRIDE = 32  # the coarsest feature stride; inputs are padded so that every scale divides it
 
@@ -162,7 +167,7 @@ class Segmentor(nn.Module):
         scale = self.cfg.single_scale if self.cfg.single_scale is not None else self.lr_scale
         return self.backbone(resize(img, scale=scale))
 
-# %% ../nbs/04_segmentor.ipynb #b39afc04
+# %% ../nbs/04_segmentor.ipynb #6622f4c9
 def _forward_train(self: Segmentor,
                    img: torch.Tensor, # (B, 3, H, W) normalised context crop
                    gt: torch.Tensor, # (B, H, W) or (B, 1, H, W) int64 labels
@@ -179,7 +184,7 @@ def _forward_train(self: Segmentor,
         feats = self.backbone(resize(img, scale=cfg.single_scale))
         logits = self.decode_head(feats)
         loss, acc = seg_ce_loss(logits, gt, weight)
-        out.update(loss=loss, logs={"loss_seg": loss.item(), "acc_seg": acc.item()}, box=None)
+        out.update(loss=loss, logs=_floats({"loss_seg": loss, "acc_seg": acc}), box=None)
         if return_features: out["features"] = feats
         if return_maps: out["maps"] = {"fused": logits.detach()}
         return out
@@ -202,13 +207,12 @@ def _forward_train(self: Segmentor,
     l_d, acc_d = seg_ce_loss(hr_logits, crop(gt, box_img), None if weight is None else crop(weight, box_img))
     w_d, w_lr = cfg.hr_loss_weight, cfg.lr_loss_weight
     loss = (1 - w_d - w_lr) * l_f + w_d * l_d
-    logs = {"loss_seg": (1 - w_d - w_lr) * l_f.item(), "acc_seg": acc_f.item(),
-            "hr.loss_seg": w_d * l_d.item(), "hr.acc_seg": acc_d.item()}
+    logs = {"loss_seg": (1 - w_d - w_lr) * l_f, "acc_seg": acc_f, "hr.loss_seg": w_d * l_d, "hr.acc_seg": acc_d}
     if w_lr > 0:  # quirk: on the attention-scaled LR logits
         l_lr, acc_lr = seg_ce_loss(parts["lr_scaled"], gt, weight)
         loss = loss + w_lr * l_lr
-        logs.update({"lr.loss_seg": w_lr * l_lr.item(), "lr.acc_seg": acc_lr.item()})
-    out.update(loss=loss, logs=logs, box=box_img)
+        logs.update({"lr.loss_seg": w_lr * l_lr, "lr.acc_seg": acc_lr})
+    out.update(loss=loss, logs=_floats(logs), box=box_img)
     if return_features:
         out["features"] = lr_feats
         if cfg.feature_scale == "all": out["hr_features"] = hr_feats
