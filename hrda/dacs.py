@@ -337,7 +337,7 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
     if not mask.any(): return dist.new_zeros(()), mask  # the original's NaN mean, made a no-op
     return lam * dist[mask].mean(), mask
 
-# %% ../nbs/05_dacs.ipynb #30dd37b7
+# %% ../nbs/05_dacs.ipynb #8c3e3acd
 class DACSStepOutput(NamedTuple):
     "What one iteration returns: float logs, and (when asked) the batch's intermediate tensors for debug figures."
     logs: dict[str, float]
@@ -361,6 +361,9 @@ def dacs_step(student: nn.Module, # the segmentor being trained
              ) -> DACSStepOutput:
     "One DACS/HRDA self-training iteration, in the original order with three backward passes and one step."
     cfg = cfg or DACSConfig()
+    if cfg.self_training and (teacher is None or "target_img" not in batch):
+        raise ValueError("self-training needs a teacher and batch['target_img']; "
+                         "for source-only training pass cfg=DACSConfig(self_training=False)")
     img, gt = batch["img"], batch["gt"]
     gt = gt[:, 0] if gt.ndim == 4 else gt
     amp = lambda: torch.autocast(img.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

@@ -325,6 +325,13 @@ def test_fd_and_self_training_switches():
     assert torch.equal(base.decode_head.weight, no_fd[0].decode_head.weight)  # but never the head
     src_only = run_standin(0, iters=1, cfg=DACSConfig(self_training=False))
     assert set(src_only[2][0]) == {"decode.loss_seg", "src.loss_imnet_feat_dist"}
+    student, _, imnet = make_models(0)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    batch = {k: v for k, v in toy_batch(0).items() if k in ("img", "gt")}
+    with pytest.raises(ValueError, match="DACSConfig\\(self_training=False\\)"):
+        dacs_step(student, None, imnet, opt, batch, 0, make_generator(0))
+    logs = dacs_step(student, None, None, opt, batch, 0, make_generator(0), DACSConfig(self_training=False)).logs
+    assert set(logs) == {"decode.loss_seg"}
 
 
 # ---------------------------------------------------------------- the real segmentor
