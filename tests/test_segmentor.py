@@ -332,7 +332,7 @@ def test_broken_and_foreign_checkpoints_fail_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_mit_b5_hrda_forward_backward_cpu():
-    "The real model at a reduced crop (256² context) trains one step on the CPU (about a minute)."
+    "The real model at a reduced crop (256² context) trains one step on the CPU (tens of seconds)."
     cfg = SegmentorConfig(hr_crop_size=(128, 128))
     model = build_segmentor(cfg)
     g = make_generator(0)
