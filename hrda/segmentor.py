@@ -109,7 +109,7 @@ def seg_ce_loss(logits: torch.Tensor, # (B, K, h, w)
     acc = (logits.argmax(1) == label).float().mean() * 100
     return loss.mean(), acc.detach()
 
-# %% ../nbs/04_segmentor.ipynb #aeb58fc3
+# %% ../nbs/04_segmentor.ipynb #90ecbedf
 def blur_downup(x: torch.Tensor) -> torch.Tensor:
     "Bilinear ×0.5 then ×2: the `blur_hr_crop` ablation's HR input without real detail."
     return resize(resize(x, scale=0.5), scale=2)
@@ -123,6 +123,14 @@ def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
     "Scalar tensors as floats with one device sync (NaN on the 'meta' device, where shapes are all there is)."
     values = torch.stack([v.detach().float() for v in logs.values()])
     return dict(zip(logs, [math.nan] * len(logs) if values.is_meta else values.tolist()))
+
+def _method_of(cls: type, name: str) -> Callable:
+    "Decorator: attach the function to `cls` as method `name` (the notebook defines long methods in their own cells)."
+    def deco(f):
+        f.__name__, f.__qualname__ = name, f"{cls.__name__}.{name}"
+        setattr(cls, name, f)
+        return f
+    return deco
 
 BACKBONE_STRIDE = 32  # the coarsest feature stride; inputs are padded so that every scale divides it
 
@@ -169,7 +177,8 @@ class Segmentor(nn.Module):
         scale = self.cfg.single_scale if self.cfg.single_scale is not None else self.lr_scale
         return self.backbone(resize(img, scale=scale))
 
-# %% ../nbs/04_segmentor.ipynb #b32264f8
+# %% ../nbs/04_segmentor.ipynb #d78f2711
+@_method_of(Segmentor, "forward_train")
 def _forward_train(self: Segmentor,
                    img: torch.Tensor, # (B, 3, H, W) normalised context crop
                    gt: torch.Tensor, # (B, H, W) or (B, 1, H, W) int64 labels
@@ -227,9 +236,7 @@ def _forward_train(self: Segmentor,
                        "lr_scaled": parts["lr_scaled"].detach(), "fused": parts["fused"].detach()}
     return out
 
-Segmentor.forward_train = _forward_train
-
-# %% ../nbs/04_segmentor.ipynb #6b2dce63
+# %% ../nbs/04_segmentor.ipynb #3d33d3c1
 def _hrda_maps(self: Segmentor,
                img: torch.Tensor, # (B, 3, H, W), H and W multiples of `size_divisor`
                fixed_attention: float | None = None, # overrides cfg.fixed_attention
@@ -251,6 +258,7 @@ def _hrda_maps(self: Segmentor,
     fused = fuse(lr_logits, hr_logits, att, None, self.scale_ratio)
     return {"lr": resize(lr_logits, hr_hw), "hr": hr_logits, "attention": resize(att, hr_hw), "fused": fused}
 
+@_method_of(Segmentor, "encode_decode")
 def _encode_decode(self: Segmentor,
                    img: torch.Tensor, # (B, 3, H, W) normalised, any size
                    fixed_attention: float | None = None, # overrides cfg.fixed_attention (0: LR only, 1: HR only)
@@ -266,9 +274,7 @@ def _encode_decode(self: Segmentor,
     maps = {k: resize(v, x.shape[-2:])[..., :H, :W] for k, v in maps.items()}
     return maps if return_maps else maps["fused"]
 
-Segmentor.encode_decode = _encode_decode
-
-# %% ../nbs/04_segmentor.ipynb #56451432
+# %% ../nbs/04_segmentor.ipynb #c72e2186
 def _outer(self: Segmentor, img: torch.Tensor, fn: Callable, mode: str | None) -> dict[str, torch.Tensor]:
     "Apply `fn` (windows -> dict of (n·B, C, h, w) maps) over the outer test windows of `img` and average."
     if (mode or self.cfg.test_mode) == "whole": return fn(img)
@@ -279,6 +285,7 @@ def _outer(self: Segmentor, img: torch.Tensor, fn: Callable, mode: str | None) -
     maps = fn(crop_windows(x, boxes))
     return {k: stitch_windows(v, boxes, x.shape[-2:])[..., :H, :W] for k, v in maps.items()}
 
+@_method_of(Segmentor, "inference")
 def _inference(self: Segmentor,
                img: torch.Tensor, # (B, 3, H, W) normalised full image, any size
                mode: Literal["slide", "whole"] | None = None, # default cfg.test_mode
@@ -287,6 +294,7 @@ def _inference(self: Segmentor,
     "Logits (B, K, H, W) of full images by the outer sliding window (batched) over `encode_decode`."
     return _outer(self, img, lambda x: {"fused": self.encode_decode(x, fixed_attention)}, mode)["fused"]
 
+@_method_of(Segmentor, "predict_scales")
 def _predict_scales(self: Segmentor,
                     img: torch.Tensor, # (B, 3, H, W) normalised full image
                     mode: Literal["slide", "whole"] | None = None, # default cfg.test_mode
@@ -300,12 +308,11 @@ def _predict_scales(self: Segmentor,
         return maps
     return _outer(self, img, fn, mode)
 
+@_method_of(Segmentor, "forward")
 def _forward(self: Segmentor, img: torch.Tensor, gt: torch.Tensor | None = None, weight: torch.Tensor | None = None,
              **kwargs) -> dict[str, Any] | torch.Tensor:
     "With labels: `forward_train` (so DDP sees the call); without: `encode_decode`."
     return self.forward_train(img, gt, weight, **kwargs) if gt is not None else self.encode_decode(img, **kwargs)
-
-Segmentor.inference, Segmentor.predict_scales, Segmentor.forward = _inference, _predict_scales, _forward
 
 # %% ../nbs/04_segmentor.ipynb #8bcaacab
 def build_segmentor(cfg: SegmentorConfig, # the options
