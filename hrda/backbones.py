@@ -20,8 +20,8 @@ from .core import get_logger
 # %% auto #0
 __all__ = ['MIT_CONFIGS', 'WEIGHTS_HELP', 'BACKBONES', 'DropPath', 'OverlapPatchEmbed', 'tokens_to_map', 'EfficientSelfAttention',
            'DWConv', 'MixFFN', 'MiTBlock', 'init_mit_weights', 'MixTransformer', 'mit', 'conv_norm_act', 'BasicBlock',
-           'SmallCNN', 'TimmBackbone', 'convert_mit_state_dict', 'read_state_dict', 'LoadReport', 'load_pretrained',
-           'to_huggingface_keys', 'create_backbone']
+           'SmallCNN', 'TimmBackbone', 'convert_mit_state_dict', 'check_weights_file', 'read_state_dict', 'LoadReport',
+           'load_pretrained', 'to_huggingface_keys', 'create_backbone']
 
 # %% ../nbs/03_backbones.ipynb #f0dcd90c
 class DropPath(nn.Module):
@@ -114,7 +114,7 @@ class MiTBlock(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x), h, w))
         return x + self.drop_path(self.mlp(self.norm2(x), h, w))
 
-# %% ../nbs/03_backbones.ipynb #ce609c8f
+# %% ../nbs/03_backbones.ipynb #934d58cd
 def init_mit_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
     "SegFormer's init for every Linear, LayerNorm and Conv2d inside `module`."
     for m in module.modules():
@@ -143,15 +143,16 @@ class MixTransformer(nn.Module):
         self.out_channels, self.strides = tuple(int(d) for d in embed_dims), (4, 8, 16, 32)
         self.depths = tuple(depths)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        for i in range(4):
-            first = i == 0
-            self.add_module(f"patch_embed{i + 1}", OverlapPatchEmbed(
-                in_chans if first else embed_dims[i - 1], embed_dims[i], 7 if first else 3, 4 if first else 2))
-            start = sum(depths[:i])
-            self.add_module(f"block{i + 1}", nn.ModuleList(
-                MiTBlock(embed_dims[i], num_heads[i], sr_ratios[i], mlp_ratio, rates[start + j])
-                for j in range(depths[i])))
-            self.add_module(f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
+        with torch.random.fork_rng(devices=[]):  # the layers' default init draws are replaced below
+            for i in range(4):
+                first = i == 0
+                self.add_module(f"patch_embed{i + 1}", OverlapPatchEmbed(
+                    in_chans if first else embed_dims[i - 1], embed_dims[i], 7 if first else 3, 4 if first else 2))
+                start = sum(depths[:i])
+                self.add_module(f"block{i + 1}", nn.ModuleList(
+                    MiTBlock(embed_dims[i], num_heads[i], sr_ratios[i], mlp_ratio, rates[start + j])
+                    for j in range(depths[i])))
+                self.add_module(f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
         init_mit_weights(self, generator)
 
     def forward(self, x: torch.Tensor, # (B, 3, H, W)
@@ -185,7 +186,7 @@ def mit(name: str, # 'mit_b0' .. 'mit_b5'
     if name not in MIT_CONFIGS: raise ValueError(f"unknown MiT size {name!r}; choose one of {', '.join(MIT_CONFIGS)}")
     return MixTransformer(**{**MIT_CONFIGS[name], **kwargs})
 
-# %% ../nbs/03_backbones.ipynb #c661e07b
+# %% ../nbs/03_backbones.ipynb #11920c53
 def _norm2d(norm: Literal["bn", "gn"], channels: int) -> nn.Module:
     if norm == "bn": return nn.BatchNorm2d(channels)
     if norm == "gn":
@@ -224,9 +225,10 @@ class SmallCNN(nn.Module):
             if s % prev_s or ratio & (ratio - 1):
                 raise ValueError(f"strides must be powers of 2 that never decrease, got {tuple(strides)}")
             n_down = int(math.log2(ratio))
-            down = [conv_norm_act(prev_c, w, 2, norm)] + [conv_norm_act(w, w, 2, norm) for _ in range(n_down - 1)]
-            if n_down == 0: down = [conv_norm_act(prev_c, w, 1, norm)]
-            stages.append(nn.Sequential(*down, *[BasicBlock(w, norm) for _ in range(d)]))
+            with torch.random.fork_rng(devices=[]):  # the layers' default init draws are replaced below
+                down = [conv_norm_act(prev_c, w, 2 if n_down else 1, norm)]
+                down += [conv_norm_act(w, w, 2, norm) for _ in range(n_down - 1)]
+                stages.append(nn.Sequential(*down, *[BasicBlock(w, norm) for _ in range(d)]))
             prev_s, prev_c = s, w
         self.stages = nn.ModuleList(stages)
         self.out_channels, self.strides = tuple(int(w) for w in widths), tuple(int(s) for s in strides)
@@ -320,18 +322,23 @@ def convert_mit_state_dict(state_dict: dict[str, torch.Tensor], # a SegFormer, H
         out[f"{blk}.attn.kv.{kind}"] = torch.cat([parts["key"], parts["value"]], dim=0)
     return out, "huggingface"
 
-# %% ../nbs/03_backbones.ipynb #7666de30
+# %% ../nbs/03_backbones.ipynb #c1ec842f
 WEIGHTS_HELP = ("MiT ImageNet weights: `mit_b5.pth` (or mit_b0..b4) from the SegFormer release "
                 "(https://github.com/NVlabs/SegFormer, 'ImageNet-1K pretrained weights'), or `pytorch_model.bin` / "
                 "`model.safetensors` of the Hugging Face model nvidia/mit-b5 (https://huggingface.co/nvidia/mit-b5); "
                 "download it on a machine with internet access and pass its local path")
 
-def read_state_dict(path: str | Path, # .pth/.pt/.bin (torch) or .safetensors
-                   ) -> dict[str, torch.Tensor]:
-    "The tensors of a local checkpoint file, unwrapped from 'state_dict'/'model' if needed."
+def check_weights_file(path: str | Path) -> Path:
+    "`path` as a Path if it is a file, else a FileNotFoundError that says where to get the weights."
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}. Nothing is downloaded; get them first. {WEIGHTS_HELP}")
+    return path
+
+def read_state_dict(path: str | Path, # .pth/.pt/.bin (torch) or .safetensors
+                   ) -> dict[str, torch.Tensor]:
+    "The tensors of a local checkpoint file, unwrapped from 'state_dict'/'model' if needed."
+    path = check_weights_file(path)
     head = path.open("rb").read(64)
     if head.startswith(b"version https://git-lfs"):
         raise ValueError(f"{path} is a git-lfs pointer, not the weights: run `git lfs pull` or download the file itself")
@@ -410,7 +417,7 @@ def to_huggingface_keys(state_dict: dict[str, torch.Tensor], # our (SegFormer-na
         out[prefix + k] = v
     return out
 
-# %% ../nbs/03_backbones.ipynb #48523149
+# %% ../nbs/03_backbones.ipynb #b80809ba
 BACKBONES: tuple[str, ...] = (*MIT_CONFIGS, "cnn", "timm:<name>")
 
 def create_backbone(name: str, # 'mit_b0'..'mit_b5', 'cnn' or 'timm:<model name>'
@@ -418,6 +425,7 @@ def create_backbone(name: str, # 'mit_b0'..'mit_b5', 'cnn' or 'timm:<model name>
                     **kwargs, # constructor arguments (e.g. drop_path_rate, widths, norm, generator)
                    ) -> nn.Module:
     "A backbone by name, with `out_channels` and `strides`; optionally loads local pretrained weights."
+    if pretrained is not None: check_weights_file(pretrained)  # fail before building a large model
     if name in MIT_CONFIGS: model = mit(name, **kwargs)
     elif name == "cnn": model = SmallCNN(**kwargs)
     elif name.startswith("timm:"): model = TimmBackbone(name[len("timm:"):], **kwargs)

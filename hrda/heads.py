@@ -112,7 +112,7 @@ def init_classifier(conv: nn.Conv2d, std: float = 0.01, generator: torch.Generat
     nn.init.normal_(conv.weight, 0.0, std, generator=generator)
     if conv.bias is not None: nn.init.zeros_(conv.bias)
 
-# %% ../nbs/03a_heads.ipynb #72dd75af
+# %% ../nbs/03a_heads.ipynb #99a3d5b8
 def resize_to(x: torch.Tensor, # (B, C, h, w)
               size: Sequence[int], # (H, W)
              ) -> torch.Tensor: # (B, C, H, W)
@@ -141,13 +141,14 @@ class DAFormerHead(nn.Module):
                 ):
         super().__init__()
         embed_dims = _per_level(embed_dims, len(in_channels), "embed_dims")
+        if fusion not in ("aspp", "conv"): raise ValueError(f"unknown fusion {fusion!r}; choose 'aspp' or 'conv'")
         self.in_channels, self.num_classes = tuple(in_channels), num_classes
-        self.embed_layers = nn.ModuleList(LinearEmbed(c, e) for c, e in zip(in_channels, embed_dims))
-        if fusion == "aspp": self.fuse_layer = SeparableASPP(sum(embed_dims), channels, dilations, norm)
-        elif fusion == "conv": self.fuse_layer = ConvNormAct(sum(embed_dims), channels, fusion_kernel, norm=norm)
-        else: raise ValueError(f"unknown fusion {fusion!r}; choose 'aspp' or 'conv'")
+        with torch.random.fork_rng(devices=[]):  # the layers' default init draws are replaced in init_weights
+            self.embed_layers = nn.ModuleList(LinearEmbed(c, e) for c, e in zip(in_channels, embed_dims))
+            if fusion == "aspp": self.fuse_layer = SeparableASPP(sum(embed_dims), channels, dilations, norm)
+            else: self.fuse_layer = ConvNormAct(sum(embed_dims), channels, fusion_kernel, norm=norm)
+            self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.output_stride = int(in_strides[0])
         self.init_weights(generator)
 
@@ -182,7 +183,7 @@ class ScaleAttentionHead(DAFormerHead):
                          generator=generator)
         self.classwise = classwise
 
-# %% ../nbs/03a_heads.ipynb #05d77915
+# %% ../nbs/03a_heads.ipynb #38a9e05a
 class SegFormerHead(nn.Module):
     "SegFormer all-MLP decoder: Linear embeddings, resize to level 0, 1×1 fuse, linear_pred."
     def __init__(self, in_channels: Sequence[int], # channels of each backbone level, finest first
@@ -195,10 +196,11 @@ class SegFormerHead(nn.Module):
                 ):
         super().__init__()
         self.in_channels, self.num_classes = tuple(in_channels), num_classes
-        for i, c in enumerate(in_channels): self.add_module(f"linear_c{i + 1}", LinearEmbed(c, embed_dim))
-        self.linear_fuse = ConvNormAct(len(in_channels) * embed_dim, embed_dim, 1, norm=norm)
+        with torch.random.fork_rng(devices=[]):  # the layers' default init draws are replaced in init_weights
+            for i, c in enumerate(in_channels): self.add_module(f"linear_c{i + 1}", LinearEmbed(c, embed_dim))
+            self.linear_fuse = ConvNormAct(len(in_channels) * embed_dim, embed_dim, 1, norm=norm)
+            self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.linear_pred = nn.Conv2d(embed_dim, num_classes, 1)
         self.output_stride = int(in_strides[0])
         self.init_weights(generator)
 
@@ -216,7 +218,7 @@ class SegFormerHead(nn.Module):
         embeds = [resize_to(getattr(self, f"linear_c{i + 1}")(f), size) for i, f in enumerate(features)]
         return self.linear_pred(self.dropout(self.linear_fuse(torch.cat(embeds[::-1], dim=1))))
 
-# %% ../nbs/03a_heads.ipynb #a7d60c77
+# %% ../nbs/03a_heads.ipynb #a25f1866
 class _BiasConv(nn.Module):
     "A plain Conv2d with bias, wrapped so its key is `<name>.conv.*` (a ConvModule without norm and activation)."
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, dilation: int):
@@ -237,7 +239,8 @@ class DLV2Head(nn.Module):
         super().__init__()
         self.in_channels, self.num_classes, self.in_index = tuple(in_channels), num_classes, in_index
         c = in_channels[in_index]
-        self.aspp_modules = nn.ModuleList(_BiasConv(c, num_classes, 3, d) for d in dilations)
+        with torch.random.fork_rng(devices=[]):  # the layers' default init draws are replaced in init_weights
+            self.aspp_modules = nn.ModuleList(_BiasConv(c, num_classes, 3, d) for d in dilations)
         self.output_stride = int(in_strides[in_index])
         self.init_weights(generator)
 
