@@ -142,7 +142,7 @@ def colorize(label: np.ndarray | torch.Tensor, # (H, W) train ids; IGNORE_INDEX 
     lut[:len(palette)] = np.asarray(palette, np.uint8)
     return lut[label.astype(np.int64).clip(0, 255)]
 
-# %% ../nbs/00_core.ipynb #a983a2ff
+# %% ../nbs/00_core.ipynb #a88a9a7c
 class ConfigError(ValueError):
     "A configuration key or value that cannot be used."
 
@@ -167,6 +167,7 @@ def coerce_value(value: Any, # the raw value (from YAML or the command line)
     if origin is Literal:
         if value in args: return value
         raise ConfigError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
+    if tp in (tuple, list): origin = tp
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)): raise fail
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -175,7 +176,7 @@ def coerce_value(value: Any, # the raw value (from YAML or the command line)
         item = args[0] if args else Any
         out = [coerce_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    if origin is dict:
+    if tp is dict or origin is dict:
         if not isinstance(value, dict): raise fail
         return dict(value)
     if tp is bool:
