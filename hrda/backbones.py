@@ -276,7 +276,7 @@ class TimmBackbone(nn.Module):
         if all(k.startswith("model.") for k in state_dict): return dict(state_dict), "native"
         return {f"model.{k}": v for k, v in state_dict.items()}, "timm"
 
-# %% ../nbs/03_backbones.ipynb #6d6a15db
+# %% ../nbs/03_backbones.ipynb #7ef5a561
 _HF_V5 = [  # transformers >= 5 module names → the names stored in the nvidia/mit-b* checkpoints
     (r"^stages\.(\d+)\.patch_embeddings\.", r"patch_embeddings.\1."), (r"^stages\.(\d+)\.blocks\.", r"block.\1."),
     (r"^stages\.(\d+)\.layer_norm\.", r"layer_norm.\1."), (r"\.attention\.q_proj\.", ".attention.self.query."),
@@ -296,23 +296,24 @@ _HF = [  # nvidia/mit-b* names (encoder prefix removed) → SegFormer names
     (r"\.attention\.self\.layer_norm\.", ".attn.norm."), (r"\.attention\.output\.dense\.", ".attn.proj."),
     (r"\.mlp\.dense1\.", ".mlp.fc1."), (r"\.mlp\.dense2\.", ".mlp.fc2.")]
 
-def _strip(sd: dict, prefixes: Sequence[str]) -> dict:
-    for p in prefixes:
-        if sd and all(k.startswith(p) for k in sd): sd = {k[len(p):]: v for k, v in sd.items()}
-    return sd
+def _take_prefix(sd: dict, prefix: str) -> dict:
+    "Keys under `prefix` with the prefix removed, other keys unchanged (they end up reported as unexpected)."
+    if not any(k.startswith(prefix) for k in sd): return sd
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+_HF_KEY = re.compile(r"^(patch_embeddings|block|stages|layer_norm)\.\d")
 
 def convert_mit_state_dict(state_dict: dict[str, torch.Tensor], # a SegFormer, Hugging Face or hrda MiT state dict
                           ) -> tuple[dict[str, torch.Tensor], str]: # (our keys, 'segformer' | 'huggingface')
-    "Rename a MiT checkpoint's keys to ours (SegFormer naming) and drop classifier heads."
-    sd = _strip(dict(state_dict), ["module.", "backbone."])
+    "Rename a MiT checkpoint's keys to ours (SegFormer naming) and drop classifier heads; other keys pass unchanged."
+    sd = _take_prefix(_take_prefix(dict(state_dict), "module."), "backbone.")
     hf = any(re.match(r"^(segformer\.)?(encoder\.)?(patch_embeddings|block|stages)\.\d", k) for k in sd)
     if not hf: return {k: v for k, v in sd.items() if not k.startswith("head.")}, "segformer"
-    sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-    sd = _strip(_strip(sd, ["segformer."]), ["encoder."])
-    for pat, rep in _HF_V5: sd = {re.sub(pat, rep, k): v for k, v in sd.items()}
-    for pat, rep in _HF: sd = {re.sub(pat, rep, k): v for k, v in sd.items()}
+    sd = _take_prefix(_take_prefix({k: v for k, v in sd.items() if not k.startswith("classifier.")}, "segformer."), "encoder.")
     out, kv = {}, {}
     for k, v in sd.items():
+        if not _HF_KEY.match(k): out[k] = v; continue  # e.g. a segmentation decode_head: reported as unexpected
+        for pat, rep in _HF_V5 + _HF: k = re.sub(pat, rep, k)
         m = re.match(r"^(.*)\.attention\.self\.(key|value)\.(weight|bias)$", k)
         if m: kv.setdefault((m[1], m[3]), {})[m[2]] = v
         else: out[k] = v

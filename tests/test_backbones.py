@@ -160,9 +160,9 @@ def source_mit():
 
 
 @pytest.mark.parametrize("fmt", ["segformer_pth", "segformer_model_key", "hf_bin", "hf_safetensors", "hf_no_prefix",
-                                 "mmseg_backbone"])
+                                 "mmseg_segformer", "hf_semantic"])
 def test_checkpoint_formats_load_completely_and_reproduce_outputs(fmt, source_mit, tmp_path):
-    sd = source_mit.state_dict()
+    sd, extra = source_mit.state_dict(), {}
     x = torch.randn(1, 3, 97, 131)
     with torch.no_grad():
         ref = source_mit(x)
@@ -170,14 +170,20 @@ def test_checkpoint_formats_load_completely_and_reproduce_outputs(fmt, source_mi
         path = tmp_path / "mit_b0.pth"; _segformer_file(sd, path); expected = "segformer"
     elif fmt == "segformer_model_key":
         path = tmp_path / "mit_b0.pth"; torch.save({"model": dict(sd)}, path); expected = "segformer"
-    elif fmt == "mmseg_backbone":
-        path = tmp_path / "seg.pth"; torch.save({"state_dict": {f"backbone.{k}": v for k, v in sd.items()}}, path)
+    elif fmt == "mmseg_segformer":  # a SegFormer segmentation checkpoint: backbone.* plus a decode head
+        extra = {"decode_head.linear_pred.weight": torch.zeros(19, 256, 1, 1)}
+        path = tmp_path / "seg.pth"
+        torch.save({"meta": {}, "state_dict": {**{f"backbone.{k}": v for k, v in sd.items()}, **extra}}, path)
         expected = "segformer"
     else:
         hf = _hf_dict(sd)
         assert set(hf) - {"classifier.weight", "classifier.bias"} == set(to_huggingface_keys(sd))
         if fmt == "hf_no_prefix":
             hf = {k.replace("segformer.", ""): v for k, v in hf.items() if k.startswith("segformer.")}
+        if fmt == "hf_semantic":  # SegformerForSemanticSegmentation: encoder plus decode_head.*, no classifier
+            hf = {k: v for k, v in hf.items() if k.startswith("segformer.")}
+            extra = {"decode_head.classifier.weight": torch.zeros(19, 256, 1, 1)}
+            hf.update(extra)
         expected = "huggingface"
         if fmt == "hf_safetensors":
             path = tmp_path / "model.safetensors"; save_file({k: v.contiguous() for k, v in hf.items()}, str(path))
@@ -186,7 +192,7 @@ def test_checkpoint_formats_load_completely_and_reproduce_outputs(fmt, source_mi
     dst = seeded("mit_b0", seed=2).eval()
     rep = load_pretrained(dst, path, log=False)
     assert isinstance(rep, LoadReport)
-    assert (rep.format, rep.missing, rep.unexpected, rep.loaded) == (expected, [], [], len(sd))
+    assert (rep.format, rep.missing, rep.unexpected, rep.loaded) == (expected, [], list(extra), len(sd))
     with torch.no_grad():
         for a, b in zip(ref, dst(x)):
             assert torch.allclose(a, b, atol=1e-6), fmt
