@@ -336,7 +336,7 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
     if not mask.any(): return dist.new_zeros(()), mask  # the original's NaN mean, made a no-op
     return lam * dist[mask].mean(), mask
 
-# %% ../nbs/05_dacs.ipynb #8c3e3acd
+# %% ../nbs/05_dacs.ipynb #7849c36c
 class DACSStepOutput(NamedTuple):
     "What one iteration returns: float logs, and (when asked) the batch's intermediate tensors for debug figures."
     logs: dict[str, float]
@@ -374,8 +374,9 @@ def dacs_step(student: nn.Module, # the segmentor being trained
     if cfg.self_training: logs["ema_alpha"] = ema_step_(teacher, student, t, cfg.alpha)  # 1. EMA before any forward
     jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # 2. shared coins
     fd = imnet is not None and cfg.fd_lambda > 0
+    one_backward = fd and isinstance(student, nn.parallel.DistributedDataParallel)  # DDP: one backward per forward
     with amp(): src = _train_forward(student, img, gt, None, generator=generator, return_features=fd, **extra)
-    backward(src["loss"], retain_graph=fd)  # 3. source pass
+    if not one_backward: backward(src["loss"], retain_graph=fd)  # 3. source pass
     logs.update({f"decode.{k}": v for k, v in src["logs"].items()})
     debug: dict[str, Any] = dict(src_img=img, src_gt=gt, src_maps=src.get("maps"))
     if fd:  # 4. ImageNet feature distance on the source images
@@ -383,7 +384,8 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         with torch.no_grad(), amp(): imnet_feat = imnet.extract_features(img)[-1]
         fd_loss, fd_mask = feature_distance(src["features"][-1], imnet_feat, gt, cfg.fd_classes, cfg.fd_lambda,
                                             cfg.fd_min_ratio, cfg.num_classes)
-        if fd_loss.requires_grad: backward(fd_loss)
+        if one_backward: backward(src["loss"] + fd_loss)  # the same gradients as two backward passes
+        elif fd_loss.requires_grad: backward(fd_loss)
         logs["src.loss_imnet_feat_dist"] = fd_loss.item()
         debug["fd_mask"] = fd_mask
     del src  # frees the retained graph
