@@ -314,14 +314,15 @@ def _forward(self: Segmentor, img: torch.Tensor, gt: torch.Tensor | None = None,
     "With labels: `forward_train` (so DDP sees the call); without: `encode_decode`."
     return self.forward_train(img, gt, weight, **kwargs) if gt is not None else self.encode_decode(img, **kwargs)
 
-# %% ../nbs/04_segmentor.ipynb #8bcaacab
+# %% ../nbs/04_segmentor.ipynb #93f42bcd
 def build_segmentor(cfg: SegmentorConfig, # the options
                    ) -> Segmentor:
     "A `Segmentor` with the backbone and heads named in `cfg` (hrda.backbones, hrda.heads)."
     backbone = create_backbone(cfg.backbone, cfg.pretrained, **cfg.backbone_kwargs)
-    head = create_head(cfg.head, backbone.out_channels, cfg.num_classes, **cfg.head_kwargs)
+    strides = {"in_strides": tuple(getattr(backbone, "strides", (4, 8, 16, 32)))}  # so output_stride follows the backbone
+    head = create_head(cfg.head, backbone.out_channels, cfg.num_classes, **{**strides, **cfg.head_kwargs})
     attention = None
     if cfg.single_scale is None:
         n_att = cfg.num_classes if cfg.attention_classwise else 1
-        attention = create_head(cfg.attention_head, backbone.out_channels, n_att, **cfg.attention_head_kwargs)
+        attention = create_head(cfg.attention_head, backbone.out_channels, n_att, **{**strides, **cfg.attention_head_kwargs})
     return Segmentor(cfg, backbone, head, attention)
