@@ -23,8 +23,8 @@ from .evaluation import metrics_table, read_image, read_label_png
 # %% auto #0
 __all__ = ['SUMMARY_KEYS', 'FINE_CLASSES', 'MAX_DPI', 'DPI', 'Run', 'read_jsonl', 'load_run', 'find_runs', 'final_metrics',
            'metric_value', 'group_runs', 'mean_metrics', 'fine_miou', 'results_table', 'seed_table',
-           'seed_table_markdown', 'save_figure', 'plot_per_class_iou', 'plot_training_curves', 'plot_qualitative',
-           'plot_attention', 'build_report']
+           'seed_table_markdown', 'save_figure', 'plot_per_class_iou', 'plot_training_curves', 'qualitative_grid',
+           'plot_qualitative', 'plot_attention', 'build_report']
 
 # %% ../nbs/08a_analysis.ipynb #2250a5a1
 @dataclass
@@ -255,12 +255,31 @@ def plot_training_curves(runs: Sequence[Run], # loaded runs (one line each)
         if ax.lines: ax.legend(fontsize=6)
     return _finish(fig, path, dpi)
 
-# %% ../nbs/08a_analysis.ipynb #6310051b
+# %% ../nbs/08a_analysis.ipynb #55939045
 def _show(ax, arr: np.ndarray, title: str | None = None, max_side: int = 512, **kw):
     step = max(1, max(arr.shape[:2]) // max_side)  # big images are subsampled for the small figure
     ax.imshow(arr[::step, ::step], interpolation="nearest", **kw)
     ax.set_axis_off()
     if title: ax.set_title(title, fontsize=6)
+
+def qualitative_grid(index: dict[str, dict], # name -> {'image': path, 'label': path} (eval/predictions/index.json)
+                     predictions: dict[str, str | Path], # column title -> folder of <name>.png train-id predictions
+                     names: Sequence[str], # the images shown (rows)
+                     path: str | Path | None = None, # also write the PNG here
+                     dpi: int = DPI, # resolution of the PNG
+                    ) -> Figure:
+    "Rows of image | ground truth | one prediction per column of `predictions`."
+    if not names: raise ValueError("qualitative_grid needs at least one image name")
+    first = read_image(index[names[0]]["image"])
+    aspect, cols = first.shape[0] / first.shape[1], 2 + len(predictions)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * aspect * len(names) + 0.3), layout="constrained")
+    axes = fig.subplots(len(names), cols, squeeze=False)
+    for i, name in enumerate(names):
+        entry = index[name]
+        panels = [("image", read_image(entry["image"])), ("ground truth", colorize(read_label_png(entry["label"])))]
+        panels += [(title, colorize(read_label_png(Path(folder) / f"{name}.png"))) for title, folder in predictions.items()]
+        for j, (title, arr) in enumerate(panels): _show(axes[i, j], arr, title if i == 0 else None)
+    return _finish(fig, path, dpi)
 
 def plot_qualitative(runs: Sequence[Run], # the runs compared (one column each)
                      names: Sequence[str] | None = None, # image names (default: the first `max_images` all runs predicted)
@@ -276,17 +295,7 @@ def plot_qualitative(runs: Sequence[Run], # the runs compared (one column each)
     indexes = [_read_json(r.path / "eval/predictions/index.json") for r in runs]
     names = list(names) if names is not None else sorted(set.intersection(*(set(i) for i in indexes)))[:max_images]
     if not names: raise ValueError(f"the runs {[r.name for r in runs]} predicted no image in common")
-    first = read_image(indexes[0][names[0]]["image"])
-    aspect = first.shape[0] / first.shape[1]
-    cols = 2 + len(runs)
-    fig = Figure(figsize=(1.6 * cols, 1.6 * aspect * len(names) + 0.3), layout="constrained")
-    axes = fig.subplots(len(names), cols, squeeze=False)
-    for i, name in enumerate(names):
-        entry = indexes[0][name]
-        panels = [("image", read_image(entry["image"])), ("ground truth", colorize(read_label_png(entry["label"])))]
-        panels += [(r.name, colorize(read_label_png(r.path / "eval/predictions/labels" / f"{name}.png"))) for r in runs]
-        for j, (title, arr) in enumerate(panels): _show(axes[i, j], arr, title if i == 0 else None)
-    return _finish(fig, path, dpi)
+    return qualitative_grid(indexes[0], {r.name: r.path / "eval/predictions/labels" for r in runs}, names, path, dpi)
 
 def plot_attention(pred_dir: str | Path, # a folder written by `hrda predict --show-scales`
                    names: Sequence[str] | None = None, # image names (default: the first `max_images`)

@@ -47,7 +47,7 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. test_stride=[256,256]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-# %% ../nbs/09_cli.ipynb #691495a7
+# %% ../nbs/09_cli.ipynb #652173e0
 EVALUATE_EPILOG = """Check the released GTA→Cityscapes checkpoint against its published 73.79 mIoU:
   hrda evaluate --released PATH --config experiments/gta2cs_hrda.yaml --data data/cityscapes --expect 73.79"""
 
@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", metavar="DIR", required=True, help="output folder (labels/, color/, overlay/, scales/)")
     pr.add_argument("--show-scales", action="store_true", help="also write the LR, HR, attention and fused maps")
     pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    pr.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
     p.subcommands = {"evaluate": ev, "predict": pr}  # for usage errors found after parsing
     return p
 
-# %% ../nbs/09_cli.ipynb #2a48f1c3
+# %% ../nbs/09_cli.ipynb #4057517b
 def _checkpoint_of(args: argparse.Namespace, parser_error: Callable[[str], None]) -> tuple[str, str | None]:
     "(checkpoint path, config) from --checkpoint / --released --config."
     if args.released and not args.config:
@@ -115,7 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     "Run `predict_folder` and print the summary; 1 if no image could be read."
     from hrda.predict import predict_folder
     s = predict_folder(args.path, args.input, args.out, args.show_scales, args.config, args.teacher, args.scale,
-                       args.device, args.mode, args.alpha, args.set, progress=not args.no_progress)
+                       args.device, args.mode, args.alpha, args.set, progress=not args.no_progress,
+                       max_images=args.max_images)
     print(f"predicted {s['predicted']} of {s['images']} images into {s['out_dir']}")
     for item in s["skipped"]: print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)
     if s["images"] and not s["predicted"]:

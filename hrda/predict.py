@@ -130,12 +130,13 @@ def predict_image(model: Segmentor, # in eval mode
         out["attention"] = resize(maps["attention_pred"].float(), size)[0, 0].clamp(0, 1).cpu().numpy()
     return out
 
-# %% ../nbs/08_predict.ipynb #e123a94a
+# %% ../nbs/08_predict.ipynb #f15c680c
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-def list_images(inputs: str | Path, # an image file or a folder searched recursively
+def list_images(inputs: str | Path | Sequence[str | Path], # an image file, a folder searched recursively, or a list of files
                ) -> list[tuple[Path, str]]:
     "Sorted (path, name) pairs; name = the path relative to the folder without its suffix (the file's stem for a file)."
+    if not isinstance(inputs, (str, Path)): return [(Path(f), Path(f).stem) for f in inputs]
     p = Path(inputs).expanduser()
     if p.is_file(): return [(p, p.stem)]
     if not p.is_dir(): raise FileNotFoundError(f"input {p} does not exist; give an image file or a folder of images")
@@ -177,9 +178,9 @@ def write_prediction(out_dir: str | Path, # the prediction folder
         files["attention_gray"] = _save_png(gray, out / "scales" / "attention_gray" / f"{name}.png")
     return {k: Path(v).relative_to(out).as_posix() for k, v in files.items()}
 
-# %% ../nbs/08_predict.ipynb #d955ecf6
+# %% ../nbs/08_predict.ipynb #f2b26c9a
 def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (see `load_model`) or a loaded model
-                   inputs: str | Path, # an image file or a folder of images (searched recursively)
+                   inputs: str | Path | Sequence[str | Path], # an image file, a folder of images (searched recursively) or a list
                    out_dir: str | Path, # the prediction folder (created)
                    show_scales: bool = False, # also write the LR, HR, attention and fused maps
                    config: str | Path | None = None, # experiment YAML of a released checkpoint
@@ -190,12 +191,14 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
                    alpha: float = 0.5, # overlay opacity
                    overrides: Sequence[str] | dict | None = None, # config changes (see `load_model`)
                    progress: bool = True, # a progress bar and a closing summary on stderr
+                   max_images: int = 0, # only the first N images (0: all)
                   ) -> dict[str, Any]:
     "Predict every image of `inputs` into `out_dir`; unreadable images are reported and skipped. The summary dict."
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, config, teacher, device, overrides)
     scale = loaded.config.target_scale if scale == "config" else scale
     out, t0, log = Path(out_dir), time.time(), get_logger("hrda.predict")
     images = list_images(inputs)
+    if max_images: images = images[:max_images]
     done, skipped = [], []
     for path, name in tqdm(images, desc="predict", disable=not progress, mininterval=2):
         try: rgb = read_image(path)
@@ -207,7 +210,7 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
         label = pred["fused"] if show_scales else pred
         files = write_prediction(out, name, rgb, label, alpha, pred if show_scales else None)
         done.append({"input": str(path), "name": name, "size": list(rgb.shape[:2]), "files": files})
-    summary = {"checkpoint": loaded.info, "inputs": str(inputs), "out_dir": str(out), "scale": scale,
+    summary = {"checkpoint": loaded.info, "inputs": str(inputs) if isinstance(inputs, (str, Path)) else [str(i) for i in inputs], "out_dir": str(out), "scale": scale,
                "show_scales": show_scales, "images": len(images), "predicted": len(done), "skipped": skipped,
                "seconds": round(time.time() - t0, 2), "items": done}
     write_json(out / "predictions.json", summary)
@@ -231,7 +234,7 @@ def per_class_markdown(metrics: dict, # from `evaluate_checkpoint` (or `segmenta
     return "\n".join([f"# {title}", "", summary_line(metrics), "", "| class | IoU | Acc |", "|---|---:|---:|", *rows, "",
                       "As a results-table row:", "", metrics_table({title: metrics})])
 
-# %% ../nbs/08_predict.ipynb #39bcd1c5
+# %% ../nbs/08_predict.ipynb #89e9e77c
 def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint path (see `load_model`) or a loaded model
                         data_root: str | Path | None = None, # prepared dataset root; None: the run's target_root
                         dataset: str | None = None, # 'cityscapes', 'gta', 'synthia' or 'custom'; None: the run's target
@@ -263,7 +266,8 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
         index[name] = {"image": item["img_path"], "label": labels_of[item["img_path"]]}
     t0 = time.time()
     metrics = evaluate(lambda x: model.inference(x, mode).float(), data, cfg.num_classes, _device_of(model),
-                       progress=progress, on_prediction=write if save_predictions else None, num_workers=num_workers)
+                       progress=progress, class_ids=getattr(cfg, "eval_classes", None),
+                       on_prediction=write if save_predictions else None, num_workers=num_workers)
     if save_predictions: write_json(out / "predictions" / "index.json", index)
     result = {"checkpoint": loaded.info, "experiment": cfg.experiment, "run": cfg.run or f"s{cfg.seed}",
               "data_root": str(data_root), "dataset": dataset, "split": split, "scale": scale,
