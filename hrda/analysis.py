@@ -214,7 +214,7 @@ def _finish(fig: Figure, path: str | Path | None, dpi: int) -> Figure:
     if path is not None: save_figure(fig, path, dpi)
     return fig
 
-# %% ../nbs/08a_analysis.ipynb #a14c488d
+# %% ../nbs/08a_analysis.ipynb #df6a599e
 def plot_per_class_iou(runs: Sequence[Run] | dict[str, dict], # runs, or per-method metrics from `mean_metrics`
                        classes: Sequence[str] | None = None, # the classes shown (default: every class with an IoU)
                        path: str | Path | None = None, # also write the PNG here
@@ -232,7 +232,7 @@ def plot_per_class_iou(runs: Sequence[Run] | dict[str, dict], # runs, or per-met
         miou = f" ({r['mIoU']:.1f})" if r.get("mIoU") is not None else ""
         ax.bar(x + (i - (len(results) - 1) / 2) * width, vals, width, label=f"{method}{miou}")
     ax.set_xticks(x, classes, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("IoU (%)"); ax.set_ylim(0, 100); ax.grid(axis="y", alpha=0.3)
+    ax.set_ylabel("IoU (%)"); ax.set_ylim(0, 118); ax.set_yticks(range(0, 101, 20)); ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncols=min(len(results), 4), loc="upper right")
     return _finish(fig, path, dpi)
 
