@@ -85,7 +85,7 @@ def load_model(checkpoint: str | Path, # a training checkpoint (.pth of hrda.tra
     device = get_device(device) if isinstance(device, str) else device
     return LoadedModel(model.to(device).eval(), cfg, dict(path=str(path), which=which, **info))
 
-# %% ../nbs/08_predict.ipynb #c820ff55
+# %% ../nbs/08_predict.ipynb #4986fa43
 Scale = tuple[int, int] | float | None  # (long, short) keep-ratio bounds, a factor, or None (the image as it is)
 
 def input_size(h: int, w: int, # the image size
@@ -105,6 +105,7 @@ def prepare_image(rgb: np.ndarray, # (H, W, 3) uint8 RGB
         raise ValueError(f"an image must be an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
     h, w = input_size(*rgb.shape[:2], scale)
     if (h, w) != rgb.shape[:2]: rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    elif not rgb.flags.writeable: rgb = rgb.copy()  # torch.from_numpy warns on read-only arrays
     return normalize(rgb)[None]
 
 # %% ../nbs/08_predict.ipynb #6f643944
