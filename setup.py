@@ -9,9 +9,9 @@ config = ConfigParser(delimiters=["="])
 config.read(here / "settings.ini", encoding="utf-8")
 cfg = config["DEFAULT"]
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}  # SPDX expressions
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
-license_name, license_classifier = licenses[cfg["license"]]
+license_name = licenses[cfg["license"]]
 min_python = cfg["min_python"]
 python_versions = [f"3.{minor}" for minor in range(int(min_python.split(".")[1]), 14)]
 
@@ -30,7 +30,6 @@ setuptools.setup(
     classifiers=[
         f"Development Status :: {statuses[int(cfg['status']) - 1]}",
         f"Intended Audience :: {cfg['audience'].title()}",
-        f"License :: {license_classifier}",
         f"Natural Language :: {cfg['language'].title()}",
     ] + [f"Programming Language :: Python :: {v}" for v in python_versions],
     packages=setuptools.find_packages(include=[cfg["lib_path"], f"{cfg['lib_path']}.*"]),
