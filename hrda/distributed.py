@@ -16,7 +16,7 @@ from .core import get_device
 
 # %% auto #0
 __all__ = ['resolve_device', 'init_distributed', 'is_distributed', 'unwrap', 'all_reduce_sum', 'SyncBatchNorm2d',
-           'convert_sync_batchnorm', 'wrap_ddp', 'average_logs']
+           'convert_sync_batchnorm', 'wrap_ddp', 'barrier', 'average_logs']
 
 # %% ../nbs/05b_distributed.ipynb #a005609e
 def resolve_device(name: str = "auto", # 'auto', 'cpu', 'cuda', 'cuda:N'
@@ -111,7 +111,7 @@ def convert_sync_batchnorm(module: nn.Module, # a model (changed in place where 
         if new is not child: setattr(module, name, new)
     return module
 
-# %% ../nbs/05b_distributed.ipynb #54b9ee91
+# %% ../nbs/05b_distributed.ipynb #01e898f3
 def wrap_ddp(model: nn.Module, # the student, already on `device`
              device: torch.device, # this process's device
              find_unused_parameters: bool = False, # True when some parameters get no gradient (fixed attention)
@@ -121,6 +121,10 @@ def wrap_ddp(model: nn.Module, # the student, already on `device`
     model = convert_sync_batchnorm(model, device)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                find_unused_parameters=find_unused_parameters)
+
+def barrier():
+    "Wait for every process of the group (a no-op outside one), e.g. until rank 0 has written a checkpoint."
+    if is_distributed(): dist.barrier()
 
 def average_logs(logs: dict[str, float], # this process's scalar logs (the same keys in every process)
                 ) -> dict[str, float]:
