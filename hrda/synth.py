@@ -29,8 +29,8 @@ from .core import CLASSES, IGNORE_INDEX, PALETTE, atomic_write, derive_seed, wri
 # %% auto #0
 __all__ = ['LABEL_IDS', 'SYNTH_CLASSES', 'SYNTH_TRAIN_IDS', 'FINE_CLASSES', 'RGB', 'SOURCE_STYLE', 'TARGET_STYLE', 'SPLITS',
            'TRAIN_CITIES', 'VAL_CITIES', 'LABEL_ID_PALETTE', 'to_train_ids', 'SceneObject', 'Layout', 'sample_layout',
-           'Style', 'render_scene', 'synth_paths', 'make_sample', 'generate_benchmark', 'prepare_synth', 'synth_cli',
-           'run_widths', 'grid_iou', 'color_stats']
+           'Style', 'render_scene', 'synth_paths', 'benchmark_layout', 'make_sample', 'generate_benchmark',
+           'prepare_synth', 'synth_cli', 'run_widths', 'grid_iou', 'color_stats']
 
 # %% ../nbs/01b_synth.ipynb #2c6671a0
 LABEL_IDS: Mapping[str, int] = MappingProxyType({
@@ -413,7 +413,7 @@ def synth_paths(out_dir: str | Path, # the benchmark root
     return (out / f"target/leftImg8bit/{split}/{stem}_leftImg8bit.png",
             out / f"target/gtFine/{split}/{stem}_gtFine_labelIds.png")
 
-# %% ../nbs/01b_synth.ipynb #2fd25bad
+# %% ../nbs/01b_synth.ipynb #91073c47
 def _png(array: np.ndarray, palette: Sequence[RGB] | None = None) -> bytes:
     "PNG bytes of an RGB or grey image (OpenCV, fast), or of a palette image (PIL) when `palette` is given."
     if palette is None:
@@ -425,6 +425,14 @@ def _png(array: np.ndarray, palette: Sequence[RGB] | None = None) -> bytes:
     im.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
+def benchmark_layout(seed: int, # the benchmark seed
+                     split: str, # 'source', 'train' or 'val'
+                     index: int, # image index within the split
+                     size: tuple[int, int] = (256, 512), # (H, W)
+                    ) -> Layout:
+    "The layout of one benchmark sample."
+    return sample_layout(np.random.default_rng(derive_seed(seed, "synth", split, index, "layout")), size)
+
 def make_sample(seed: int, # the benchmark seed
                 split: str, # 'source', 'train' or 'val'
                 index: int, # image index within the split
@@ -432,9 +440,9 @@ def make_sample(seed: int, # the benchmark seed
                 styles: tuple[Style, Style] = (SOURCE_STYLE, TARGET_STYLE), # the source and the target look
                ) -> tuple[np.ndarray, np.ndarray]:
     "The (RGB, label ids) of one sample, a pure function of its arguments."
-    layout = sample_layout(np.random.default_rng(derive_seed(seed, "synth", split, index, "layout")), size)
     style = styles[0] if split == "source" else styles[1]
-    return render_scene(layout, style, np.random.default_rng(derive_seed(seed, "synth", split, index, "look")))
+    return render_scene(benchmark_layout(seed, split, index, size), style,
+                        np.random.default_rng(derive_seed(seed, "synth", split, index, "look")))
 
 def _write_sample(job: tuple) -> np.ndarray:
     "Render and write one sample unless both files exist; the label-id pixel counts (256,) either way."
