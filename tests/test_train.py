@@ -219,3 +219,19 @@ def test_two_process_training(synth, tmp_path):
     assert "resumed from iteration 2 of 4" in (tmp_path / "train" / "train.log").read_text()
     ckpt = load_checkpoint(tmp_path / "train" / "checkpoints" / "latest.pth")
     assert not any(k.startswith("module.") for k in ckpt["student"])  # saved unwrapped: loads without DDP
+
+
+def test_grid_runs_and_skips_finished(synth, tmp_path, capsys):
+    "A grid of one run x one seed trains through `hrda train`; run again, the finished run is skipped."
+    from hrda.grid import run_grid
+    small = {**SMALL, "source_root": str(synth / "source"), "target_root": str(synth / "target"), "iters": 2}
+    (tmp_path / "tiny.yaml").write_text(json.dumps(small))  # JSON is YAML
+    grid = tmp_path / "grid_tiny.yaml"
+    grid.write_text("config: tiny.yaml\nseeds: [3]\nruns:\n  - id: table0_tiny\n    set: {hr_loss_weight: 0.2}\n")
+    status = run_grid(grid, launcher="hrda", reports=tmp_path / "reports")
+    out = tmp_path / "reports" / "tiny" / "table0_tiny" / "s3"
+    assert status == {"skipped": [], "done": [str(out)], "failed": []}, capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["experiment"], metrics["run"], metrics["config"]["seed"]) == ("table0_tiny", "s3", 3)
+    assert metrics["config"]["hr_loss_weight"] == 0.2 and metrics["finished"]
+    assert run_grid(grid, launcher="hrda", reports=tmp_path / "reports")["skipped"] == [str(out)]
