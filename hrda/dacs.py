@@ -336,7 +336,7 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
     if not mask.any(): return dist.new_zeros(()), mask  # the original's NaN mean, made a no-op
     return lam * dist[mask].mean(), mask
 
-# %% ../nbs/05_dacs.ipynb #7849c36c
+# %% ../nbs/05_dacs.ipynb #ae629a08
 class DACSStepOutput(NamedTuple):
     "What one iteration returns: float logs, and (when asked) the batch's intermediate tensors for debug figures."
     logs: dict[str, float]
@@ -358,7 +358,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
               scaler: torch.amp.GradScaler | None = None, # loss scaler for float16
               return_debug: bool = False, # also return the intermediate tensors
              ) -> DACSStepOutput:
-    "One DACS/HRDA self-training iteration, in the original order with three backward passes and one step."
+    "One DACS/HRDA self-training iteration in the original order: three backward passes (two under DDP), one step."
     cfg = cfg or DACSConfig()
     if cfg.self_training and (teacher is None or "target_img" not in batch):
         raise ValueError("self-training needs a teacher and batch['target_img']; "
