@@ -295,7 +295,7 @@ def _evaluate(student: nn.Module, val, cfg: TrainConfig, device) -> dict:
     model.train()
     return metrics
 
-# %% ../nbs/06a_train.ipynb #aeaaadcd
+# %% ../nbs/06a_train.ipynb #278a1e5c
 def train(cfg: TrainConfig, # the run
           resume: bool | str | Path = True, # True: continue from <run>/checkpoints/latest.pth if it exists; a path; False: start over
           stop_after: int | None = None, # stop (with a checkpoint) once this many iterations are done; resume later
@@ -327,7 +327,9 @@ def train(cfg: TrainConfig, # the run
         restore_rng_states(ckpt["rng"], {"train": generator})
         start, evals, seconds = ckpt["iteration"], list(ckpt.get("evals", [])), float(ckpt.get("seconds", 0.0))
         if main: log.info(f"resumed from iteration {start} of {cfg.iters}")
-    if main: write_yaml(out / "params.yaml", config_to_dict(cfg))
+    if main:
+        write_yaml(out / "params.yaml", config_to_dict(cfg))
+        if ckpt is None: (out / "metrics.json").unlink(missing_ok=True)  # a fresh start is not finished
     stop = min(cfg.iters, stop_after or cfg.iters)
     pairs, val = build_datasets(cfg)
     loader = DataLoader(pairs, batch_size=cfg.batch_size, sampler=IterationSampler(start, stop, cfg.batch_size, rank, world),

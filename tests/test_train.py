@@ -129,9 +129,10 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(synth, tmp_path, monkeypatch):
 
 def test_diverging_lr_raises(synth, tmp_path):
     "(c) a learning rate of 1e30 makes the loss NaN within two iterations: NonFiniteLossError, not silent NaN weights."
+    (tmp_path / "metrics.json").write_text('{"finished": true}')  # left by an earlier run in this folder
     with pytest.raises(NonFiniteLossError, match=r"iteration \d: .*= (nan|inf)"):
         train(config(synth, tmp_path, iters=5, lr=1e30), resume=False)
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "metrics.json").exists()  # a grid would otherwise take the failed run as finished
 
 
 def test_checkpoint_files(synth, straight, tmp_path):
