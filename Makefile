@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat requirements.txt settings.ini setup.py | sha256sum | cut
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup demo test lab docs export clean
+.PHONY: setup demo test lab docs export clean synth-data grid
 
 setup: $(STAMP)
 
@@ -25,9 +25,15 @@ $(STAMP): requirements.txt settings.ini setup.py
 	@echo "== $(VENV) is ready"
 
 demo: setup
-	@echo "== demo: environment record -> reports/demo/environment"
-	$(BIN)/papermill --cwd nbs/runs nbs/runs/environment.ipynb reports/demo/environment/environment.ipynb \
-		-p out_dir $(CURDIR)/reports/demo/environment -k python3 --no-progress-bar
+	$(BIN)/papermill nbs/runs/environment.ipynb reports/demo/environment/environment.ipynb \
+		-p out_dir $(CURDIR)/reports/demo/environment -k python3 --no-progress-bar --log-level WARNING
+	$(BIN)/hrda demo $(if $(SEEDS),--seeds $(SEEDS))
+
+synth-data: setup
+	$(BIN)/python data_prep/make_synth.py data/synth
+
+grid: setup
+	$(BIN)/python experiments/run_grid.py $(EXP) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

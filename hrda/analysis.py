@@ -320,7 +320,7 @@ def plot_attention(pred_dir: str | Path, # a folder written by `hrda predict --s
         for j, (title, arr, kw) in enumerate(panels): _show(axes[i, j], arr, title if i == 0 else None, **kw)
     return _finish(fig, path, dpi)
 
-# %% ../nbs/08a_analysis.ipynb #836eb72b
+# %% ../nbs/08a_analysis.ipynb #e1ffff53
 def build_report(runs: str | Sequence[str] | Sequence[Run], # loaded runs, or glob patterns of run folders
                  out_dir: str | Path, # where tables/ and figures/ go
                  metric: str = "mIoU", # the number of the seed table
@@ -341,7 +341,8 @@ def build_report(runs: str | Sequence[str] | Sequence[Run], # loaded runs, or gl
         files["qualitative"] = save_figure(plot_qualitative(runs), out / "figures/qualitative.png", dpi)
     for r in runs:
         for summary in sorted(r.path.glob("**/predictions.json")):
-            if _read_json(summary).get("show_scales"):
+            items = _read_json(summary).get("items", [])
+            if any("attention_gray" in it.get("files", {}) for it in items):  # single-scale models have no attention
                 key = f"attention_{r.experiment}_{r.run}".replace("/", "_")
                 files[key] = save_figure(plot_attention(summary.parent), out / "figures" / f"{key}.png", dpi)
                 break

@@ -14,7 +14,7 @@ import hrda
 
 # %% auto #0
 __all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'parse_scale', 'build_parser', 'cmd_evaluate',
-           'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'main']
+           'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'main']
 
 # %% ../nbs/09_cli.ipynb #81a28ab9
 DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom")  # kinds `hrda prepare` converts
@@ -47,7 +47,7 @@ def _model_args(p: argparse.ArgumentParser):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. test_stride=[256,256]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-# %% ../nbs/09_cli.ipynb #652173e0
+# %% ../nbs/09_cli.ipynb #ddc2cbfa
 EVALUATE_EPILOG = """Check the released GTA→Cityscapes checkpoint against its published 73.79 mIoU:
   hrda evaluate --released PATH --config experiments/gta2cs_hrda.yaml --data data/cityscapes --expect 73.79"""
 
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in (("prepare", "convert a downloaded dataset's labels: hrda prepare {gta,synthia,cityscapes,custom} ROOT"),
                        ("synth", "write the synthetic benchmark: hrda synth OUT_DIR [--n-source N ...]"),
-                       ("train", "train a model: hrda train --config experiments/<name>.yaml [--set key=value ...]")):
+                       ("train", "train a model: hrda train --config experiments/<name>.yaml [--set key=value ...]"),
+                       ("demo", "source-only, DAFormer and HRDA on the synthetic benchmark: hrda demo [--seeds 0 1 2]")):
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     ev = sub.add_parser("evaluate", help="mIoU and per-class IoU of a checkpoint, written to <run>/eval/",
                         description="Evaluate a checkpoint on a prepared validation set (SPEC 7).", epilog=EVALUATE_EPILOG,
@@ -125,7 +126,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-# %% ../nbs/09_cli.ipynb #d2ec9b2b
+# %% ../nbs/09_cli.ipynb #081ec8d7
 def cmd_train(argv: list[str]) -> int:
     "`hrda.train.train_cli` with these arguments; prints the final metrics."
     from hrda.evaluation import summary_line
@@ -154,7 +155,13 @@ def cmd_prepare(argv: list[str]) -> int:
     from hrda.convert import prepare_cli
     return prepare_cli(argv[0], argv[1:])
 
-DELEGATED: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "synth": cmd_synth, "prepare": cmd_prepare}
+def cmd_demo(argv: list[str]) -> int:
+    "`hrda.demo.demo_cli` with these arguments: the main job on the synthetic benchmark."
+    from hrda.demo import demo_cli
+    return demo_cli(argv)
+
+DELEGATED: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "synth": cmd_synth, "prepare": cmd_prepare,
+                                                    "demo": cmd_demo}
 
 # %% ../nbs/09_cli.ipynb #86d9851e
 USER_ERRORS = (ValueError, OSError, FloatingPointError)  # config, checkpoint, data and file errors; NaN losses
