@@ -1,7 +1,13 @@
 """Shared fixtures and the slow/gpu switches of the test suite."""
+import os
 import shutil
 import sys
 from pathlib import Path
+
+# pytest-xdist runs two workers on CI's two cores; one thread each (and in the notebook kernels they start)
+# avoids oversubscription, which slows small CPU kernels by orders of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest
 
