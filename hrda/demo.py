@@ -86,7 +86,7 @@ def demo_results(out_dir: str | Path, # the demo folder
         if m: rows[name] = m
     return rows
 
-# %% ../nbs/08b_demo.ipynb #ea4ceb81
+# %% ../nbs/08b_demo.ipynb #3a2c62a8
 def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to the repository root)
              data_dir: str | Path = "data/synth", # synthetic benchmark root (written when missing)
              seeds: Sequence[int] = (0,), # training seeds of every method
@@ -106,9 +106,10 @@ def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to 
     with stages(f"synthetic benchmark in {data_dir}"):
         generate_benchmark(data, seed=0)
         if not all((data / d / "sample_class_stats.json").is_file() for d in ("source", "target")): prepare_synth(data)
+    show = lambda p: p.relative_to(root) if p.is_relative_to(root) else p
     for m, s in runs:
         run = out / m / f"s{s}"
-        with stages(f"train {METHODS[m]}, seed {s} (papermill nbs/runs/train.ipynb -> {run})"):
+        with stages(f"train {METHODS[m]}, seed {s} (papermill nbs/runs/train.ipynb -> {show(run)})"):
             run_template("train", run / "train.ipynb", config=f"experiments/synth_{m}.yaml", seed=s,
                          data_root=str(data), out_dir=str(run), overrides=dict(overrides or {}))
     for m, s in runs:

@@ -91,3 +91,22 @@ def test_run_templates_export_nothing_and_have_outputs_cleared():
         assert exported_module(nb_path) is None, f"{nb_path.name}: run templates export nothing"
         assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), \
             f"{nb_path.name}: executed copies belong in reports/, not nbs/"
+
+
+def _table_rows(text, first_col_names):
+    "Rows of markdown tables whose first cell is one of `first_col_names`, as {name: [cells]}."
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in first_col_names and cells[0] not in rows:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_readme_demo_numbers_match_the_demo_report():
+    report = (ROOT / "reports" / "demo" / "README.md").read_text()
+    names = ("Source only", "DAFormer (single scale, 0.5×)", "HRDA")
+    shown, produced = _table_rows(readme_text(ROOT), names), _table_rows(report, names)
+    assert set(shown) == set(names), "the README's demo table lost a method"
+    for name in names:  # mIoU and fine mIoU, as written by `make demo`
+        assert shown[name][1:3] == produced[name][1:3], f"README demo numbers of {name} differ from reports/demo/README.md"
