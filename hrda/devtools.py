@@ -104,7 +104,7 @@ def write_readme(root: str | Path | None = None) -> Path:
     "Write README.md from `nbs/index.ipynb`."
     return write_text(repo_root(root) / "README.md", readme_text(root))
 
-# %% ../nbs/99_devtools.ipynb #ef2b3131
+# %% ../nbs/99_devtools.ipynb #bdf21fba
 def page_name(notebook: Path, # a notebook, relative to nbs/
              ) -> str:
     "The HTML page of `notebook` relative to the docs root: the number prefix is dropped, as nbdev does."
@@ -171,6 +171,31 @@ def _render_pages(proc: Path, out: Path, doc_url: str) -> list[Path]:
         written.append(write_text(out / page, body))
     return written
 
+def _split_import_cells(nb) -> bool:
+    "Split code cells that mix imports with other code: nbdev's docs processor runs every cell holding an import."
+    import ast
+    cells, changed = [], False
+    for cell in nb.cells:
+        if cell.cell_type != "code" or re.search(r"^#\|\s*export", cell.source, re.M):
+            cells.append(cell); continue
+        lines = cell.source.splitlines()
+        try: tree = ast.parse("\n".join("" if l.lstrip().startswith(("%", "!")) else l for l in lines))
+        except SyntaxError: cells.append(cell); continue
+        imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        if not imports or len(imports) == len(tree.body): cells.append(cell); continue
+        drop = {i for n in imports for i in range(n.lineno - 1, n.end_lineno)}
+        others = [n for n in tree.body if n not in imports]
+        directives = [l for l in lines if l.startswith("#|")]
+        head = nbformat.v4.new_code_cell("\n".join(directives + [ast.unparse(n) for n in imports]))
+        if any(i in drop for n in others for i in range(n.lineno - 1, n.end_lineno)):  # `import x; y = x.f()`
+            text = "\n".join(lines)
+            cell.source = "\n".join(directives + [ast.get_source_segment(text, n) for n in others])
+        else: cell.source = "\n".join(l for i, l in enumerate(lines) if i not in drop)
+        cells += [head, cell]
+        changed = True
+    nb.cells = cells
+    return changed
+
 def build_docs(root: str | Path | None = None, # repository root
                out: str | Path | None = None, # where to write the pages (default: <root>/_docs)
                use_quarto: bool | None = None, # None: use quarto when it is on the PATH
@@ -183,8 +208,15 @@ def build_docs(root: str | Path | None = None, # repository root
         subprocess.run(["nbdev_docs"], cwd=root, check=True)
         if out != root / "_docs": shutil.copytree(root / "_docs", out, dirs_exist_ok=True)
         return out
-    code = "from nbdev.serve import proc_nbs; proc_nbs(force=True, n_workers=0)"
+    src = root / "_docs_src"  # a copy of nbs/ that nbdev's docs processor can execute cell by cell
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(root / "nbs", src, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "_*"))
+    for path in src.rglob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        if _split_import_cells(nb): nbformat.write(nb, path)
+    code = f"from nbdev.serve import proc_nbs; proc_nbs({str(src)!r}, force=True, n_workers=0)"
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    shutil.rmtree(src, ignore_errors=True)
     if res.returncode: raise RuntimeError(f"processing the notebooks for the docs failed:\n{res.stderr[-3000:]}")
     proc = root / "_proc"
     if out.exists(): shutil.rmtree(out)
