@@ -21,7 +21,7 @@ from .core import get_logger
 __all__ = ['MIT_CONFIGS', 'WEIGHTS_HELP', 'BACKBONES', 'DropPath', 'OverlapPatchEmbed', 'tokens_to_map', 'EfficientSelfAttention',
            'DWConv', 'MixFFN', 'MiTBlock', 'init_mit_weights', 'MixTransformer', 'mit', 'conv_norm_act', 'BasicBlock',
            'SmallCNN', 'TimmBackbone', 'convert_mit_state_dict', 'check_weights_file', 'read_state_dict', 'LoadReport',
-           'load_pretrained', 'to_huggingface_keys', 'create_backbone']
+           'load_shape_checked', 'load_pretrained', 'to_huggingface_keys', 'create_backbone']
 
 # %% ../nbs/03_backbones.ipynb #f0dcd90c
 class DropPath(nn.Module):
@@ -358,7 +358,7 @@ def read_state_dict(path: str | Path, # .pth/.pt/.bin (torch) or .safetensors
         raise ValueError(f"{path} holds no state dict of tensors (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")
     return obj
 
-# %% ../nbs/03_backbones.ipynb #9f69cecc
+# %% ../nbs/03_backbones.ipynb #32419882
 @dataclasses.dataclass
 class LoadReport:
     "What `load_pretrained` did."
@@ -368,6 +368,20 @@ class LoadReport:
     missing: list[str] # model keys the file did not provide (left at their init)
     unexpected: list[str] # file keys the model does not have (ignored)
 
+def load_shape_checked(model: nn.Module, # the model to load into
+                       state: dict[str, torch.Tensor], # weights with the model's key names
+                       what: str, # the start of the error message, e.g. "<file> does not fit this model"
+                       hint: str, # what to check, ending the error message
+                       error: type[Exception] = ValueError, # the exception raised on shape mismatches
+                      ) -> tuple[int, list[str], list[str]]:
+    "Non-strict `load_state_dict` that raises `error` on shape mismatches; (loaded, missing, unexpected) keys."
+    own = model.state_dict()
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and v.shape != own[k].shape]
+    if bad: raise error(f"{what} ({len(bad)} shape mismatches, e.g. {'; '.join(bad[:3])}); {hint}")
+    result = model.load_state_dict(state, strict=False)
+    return len(state) - len(result.unexpected_keys), list(result.missing_keys), list(result.unexpected_keys)
+
 def load_pretrained(model: nn.Module, # a backbone (MixTransformer, SmallCNN, TimmBackbone, ...)
                     path: str | Path, # local checkpoint file
                     log: bool = True, # log a summary and the missing/unexpected keys
@@ -376,15 +390,9 @@ def load_pretrained(model: nn.Module, # a backbone (MixTransformer, SmallCNN, Ti
     sd = read_state_dict(path)
     convert = getattr(model, "convert_state_dict", None)
     sd, fmt = convert(sd) if convert is not None else (sd, "native")
-    own = model.state_dict()
-    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
-           if k in own and v.shape != own[k].shape]
-    if bad:
-        raise ValueError(f"{path} does not fit this {type(model).__name__} ({len(bad)} shape mismatches, e.g. "
-                         f"{'; '.join(bad[:3])}); are these the weights of another model size?")
-    result = model.load_state_dict(sd, strict=False)
-    report = LoadReport(str(path), fmt, len(sd) - len(result.unexpected_keys),
-                        list(result.missing_keys), list(result.unexpected_keys))
+    loaded, missing, unexpected = load_shape_checked(model, sd, f"{path} does not fit this {type(model).__name__}",
+                                                     "are these the weights of another model size?")
+    report = LoadReport(str(path), fmt, loaded, missing, unexpected)
     if log:
         logger = get_logger()
         logger.info(f"loaded {report.loaded} tensors ({fmt} layout) from {path}")
