@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Seconds per HRDA self-training iteration, images per second, peak memory and model FLOPs; and test-time seconds
+per image with the full slide inference. Writes JSON and a markdown table into reports/perf/.
+
+Usage (from the repository root):
+    .venv/bin/python benchmarks/bench_train_step.py --device cuda            # paper settings: MiT-B5, 1024/512, 2+2
+    .venv/bin/python benchmarks/bench_train_step.py --device cuda --precision fp32 tf32 bf16 --compile
+    .venv/bin/python benchmarks/bench_train_step.py --device cpu --set backbone=mit_b0 crop_size=[128,128] \
+        hr_crop_size=[64,64] --infer-size 128 256                           # the CPU version at small sizes
+
+One iteration is `hrda.dacs.dacs_step` exactly as training runs it: EMA update, source pass with feature distance
+(a frozen ImageNet model, randomly initialised here: only its cost matters), teacher pseudo-labels by the HR slide,
+ClassMix, jitter and blur, mixed pass, one AdamW step. Inputs are random tensors of the configured sizes, so no
+dataset is needed. This is a benchmark, not a test: it prints numbers and asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_model import _cpu_peak_mb, _reset_cpu_peak, _sync  # noqa: E402
+from hrda.core import autocast_dtype, get_device, load_config, make_generator, write_json, write_text  # noqa: E402
+from hrda.dacs import dacs_step  # noqa: E402
+from hrda.optim import build_optimizer  # noqa: E402
+from hrda.segmentor import build_segmentor  # noqa: E402
+from hrda.train import TrainConfig, dacs_config, segmentor_config  # noqa: E402
+
+
+def random_batch(cfg: TrainConfig, device: torch.device, g: torch.Generator) -> dict[str, torch.Tensor]:
+    "A training batch of random images and labels at the configured crop size (labels in blocks, like real ones)."
+    b, (h, w) = cfg.batch_size, cfg.crop_size
+    coarse = torch.randint(cfg.num_classes, (b, 1, h // 32 + 1, w // 32 + 1), generator=g).float()
+    gt = torch.nn.functional.interpolate(coarse, scale_factor=32, mode="nearest")[:, 0, :h, :w].long()
+    return {"img": torch.randn(b, 3, h, w, generator=g).to(device), "gt": gt.to(device),
+            "target_img": torch.randn(b, 3, h, w, generator=g).to(device),
+            "valid_pseudo_mask": torch.ones(b, h, w).to(device)}
+
+
+def peak_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _cpu_peak_mb()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_cpu_peak()
+
+
+def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile: bool, iters: int, warmup: int,
+                count_flops: bool) -> dict:
+    "Seconds per iteration, images per second, peak memory and FLOPs of `dacs_step` under `precision`."
+    reset_peak(device)
+    amp = autocast_dtype(precision, device)
+    if device.type == "cuda" and precision != "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    student = build_segmentor(segmentor_config(cfg)).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    imnet = build_segmentor(segmentor_config(cfg)).to(device).requires_grad_(False).eval() if cfg.fd_lambda > 0 else None
+    if compile:
+        for m in (student, teacher) + ((imnet,) if imnet is not None else ()):
+            m.backbone = torch.compile(m.backbone)
+    optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    g = make_generator(0)
+    dcfg = dacs_config(cfg)
+    batch = random_batch(cfg, device, make_generator(0, "batch"))
+    step = lambda t: dacs_step(student, teacher, imnet, optimizer, batch, t, g, dcfg, amp, scaler)
+    t0 = time.perf_counter()
+    for t in range(warmup):
+        step(t)
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for t in range(warmup, warmup + iters):
+        step(t)
+    _sync(device)
+    s_iter = (time.perf_counter() - t0) / iters
+    flops = None
+    if count_flops:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(warmup + iters)
+        flops = counter.get_total_flops()
+    params = sum(p.numel() for p in student.parameters())
+    return {"precision": precision, "compile": compile, "s_per_iter": round(s_iter, 4),
+            "images_per_s": round(2 * cfg.batch_size / s_iter, 2), "peak_mem_mb": round(peak_mb(device), 1),
+            "warmup_s": round(warm_s, 2), "tflop_per_iter": None if flops is None else round(flops / 1e12, 3),
+            "achieved_tflops": None if flops is None else round(flops / 1e12 / s_iter, 2), "student_params": params}
+
+
+def bench_inference(cfg: TrainConfig, device: torch.device, precision: str, size: tuple[int, int], repeats: int) -> dict:
+    "Seconds per image of the full test-time inference (outer slide, HR slide, fusion) at `size`."
+    reset_peak(device)
+    amp = autocast_dtype(precision, device)
+    torch.manual_seed(0)
+    model = build_segmentor(segmentor_config(cfg)).to(device).eval()
+    img = torch.randn(1, 3, *size, generator=make_generator(0)).to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        model.inference(img)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model.inference(img)
+        _sync(device)
+    return {"precision": precision, "size": list(size), "s_per_image": round((time.perf_counter() - t0) / repeats, 4),
+            "peak_mem_mb": round(peak_mb(device), 1)}
+
+
+def markdown(result: dict) -> str:
+    "The results as markdown tables, with the device, versions and command."
+    lines = [f"# HRDA speed and memory on {result['device_name']}", "",
+             f"torch {result['torch']}, python {result['python']}; settings: {result['settings']}", "",
+             f"Command: `{result['command']}`", "",
+             "| precision | compile | s / iteration | images / s | peak memory (MB) | TFLOP / iteration | achieved TFLOP/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["train"]:
+        lines.append(f"| {r['precision']} | {r['compile']} | {r['s_per_iter']} | {r['images_per_s']} | {r['peak_mem_mb']} "
+                     f"| {r['tflop_per_iter']} | {r['achieved_tflops']} |")
+    lines += ["", "| precision | image size | s / image | peak memory (MB) |", "|---|---|---:|---:|"]
+    for r in result["inference"]:
+        lines.append(f"| {r['precision']} | {r['size'][0]}×{r['size'][1]} | {r['s_per_image']} | {r['peak_mem_mb']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", nargs="+", default=["fp32"], help="fp32, tf32, bf16 and/or fp16")
+    p.add_argument("--compile", action="store_true", help="also measure with torch.compile on the backbones")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    p.add_argument("--infer-repeats", type=int, default=3)
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more iteration)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (default: the paper's)")
+    p.add_argument("--out", default=str(ROOT / "reports" / "perf"), help="folder for bench_<device>.json/.md")
+    args = p.parse_args(argv)
+    device = get_device(args.device)
+    cfg = load_config(TrainConfig, overrides=["pretrained=null", *args.set])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    result = {"device": str(device), "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
+              "command": " ".join(["python benchmarks/bench_train_step.py", *(argv if argv is not None else sys.argv[1:])]),
+              "settings": {k: getattr(cfg, k) for k in ("backbone", "crop_size", "hr_crop_size", "batch_size", "fd_lambda")},
+              "train": [], "inference": []}
+    for precision in args.precision:
+        for compile in ([False, True] if args.compile else [False]):
+            r = bench_train(cfg, device, precision, compile, args.iters, args.warmup, not args.no_flops)
+            print(r, flush=True)
+            result["train"].append(r)
+        r = bench_inference(cfg, device, precision, tuple(args.infer_size), args.infer_repeats)
+        print(r, flush=True)
+        result["inference"].append(r)
+    out = Path(args.out)
+    tag = device.type
+    write_json(out / f"bench_{tag}.json", result)
+    write_text(out / f"bench_{tag}.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The GPU benchmark scripts run on the CPU at tiny sizes and write their report (numbers are not asserted)."""
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train_step  # noqa: E402
+
+TINY = ["backbone=cnn", "crop_size=[128,128]", "hr_crop_size=[64,64]", "batch_size=2", "fd_lambda=0.005",
+        "head_kwargs={channels: 16, embed_dims: 16}", "attention_head_kwargs={channels: 16, embed_dims: 16}",
+        "test_crop_size=[128,128]", "test_stride=[64,64]"]
+
+
+def test_train_step_benchmark_writes_its_report(tmp_path):
+    result = bench_train_step.main(["--device", "cpu", "--iters", "1", "--warmup", "1", "--infer-size", "64", "128",
+                                    "--infer-repeats", "1", "--out", str(tmp_path), "--set", *TINY])
+    saved = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert saved["settings"]["backbone"] == "cnn" and saved["settings"]["crop_size"] == [128, 128]
+    train, infer = saved["train"][0], saved["inference"][0]
+    assert train["s_per_iter"] > 0 and train["images_per_s"] > 0 and train["tflop_per_iter"] > 0
+    assert infer["size"] == [64, 128] and infer["s_per_image"] > 0
+    assert "| fp32 | False |" in (tmp_path / "bench_cpu.md").read_text()
+    assert result["train"][0]["student_params"] == train["student_params"]
