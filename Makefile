@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat requirements.txt settings.ini setup.py | sha256sum | cut
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup demo test lab docs export clean synth-data grid
+.PHONY: setup demo test lab docs export clean synth-data grid bench
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: setup
 
 synth-data: setup
 	$(BIN)/python data_prep/make_synth.py data/synth
+
+bench: setup
+	$(BIN)/python benchmarks/bench_train_step.py $(ARGS)
 
 grid: setup
 	$(BIN)/python experiments/run_grid.py $(EXP) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
