@@ -59,7 +59,7 @@ def reset_peak(device: torch.device) -> None:
 
 
 def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile: bool, iters: int, warmup: int,
-                count_flops: bool) -> dict:
+                count_flops: bool, profile: bool = False) -> dict:
     "Seconds per iteration, images per second, peak memory and FLOPs of `dacs_step` under `precision`."
     reset_peak(device)
     amp = autocast_dtype(precision, device)
@@ -94,11 +94,23 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
         with counter:
             step(warmup + iters)
         flops = counter.get_total_flops()
+    table = profile_table(lambda: step(warmup + iters + 1), device) if profile else None
     params = sum(p.numel() for p in student.parameters())
-    return {"precision": precision, "compile": compile, "s_per_iter": round(s_iter, 4),
+    return {"profile": table, "precision": precision, "compile": compile, "s_per_iter": round(s_iter, 4),
             "images_per_s": round(2 * cfg.batch_size / s_iter, 2), "peak_mem_mb": round(peak_mb(device), 1),
             "warmup_s": round(warm_s, 2), "tflop_per_iter": None if flops is None else round(flops / 1e12, 3),
             "achieved_tflops": None if flops is None else round(flops / 1e12 / s_iter, 2), "student_params": params}
+
+
+def profile_table(fn, device: torch.device, rows: int = 15) -> str:
+    "The top operators (kernels on a GPU) of one call of `fn` by self time, as the profiler's text table."
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def bench_inference(cfg: TrainConfig, device: torch.device, precision: str, size: tuple[int, int], repeats: int) -> dict:
@@ -129,6 +141,10 @@ def markdown(result: dict) -> str:
     for r in result["train"]:
         lines.append(f"| {r['precision']} | {r['compile']} | {r['s_per_iter']} | {r['images_per_s']} | {r['peak_mem_mb']} "
                      f"| {r['tflop_per_iter']} | {r['achieved_tflops']} |")
+    for r in result["train"]:
+        if r.get("profile"):
+            lines += ["", f"Where the time goes ({r['precision']}, compile {r['compile']}, one iteration):", "", "```",
+                      r["profile"].rstrip(), "```"]
     lines += ["", "| precision | image size | s / image | peak memory (MB) |", "|---|---|---:|---:|"]
     for r in result["inference"]:
         lines.append(f"| {r['precision']} | {r['size'][0]}×{r['size'][1]} | {r['s_per_image']} | {r['peak_mem_mb']} |")
@@ -145,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
     p.add_argument("--infer-repeats", type=int, default=3)
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more iteration)")
+    p.add_argument("--profile", action="store_true", help="add the profiler's table of the top operators/kernels")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (default: the paper's)")
     p.add_argument("--out", default=str(ROOT / "reports" / "perf"), help="folder for bench_<device>.json/.md")
     args = p.parse_args(argv)
@@ -157,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
               "train": [], "inference": []}
     for precision in args.precision:
         for compile in ([False, True] if args.compile else [False]):
-            r = bench_train(cfg, device, precision, compile, args.iters, args.warmup, not args.no_flops)
+            r = bench_train(cfg, device, precision, compile, args.iters, args.warmup, not args.no_flops,
+                            args.profile)
             print(r, flush=True)
             result["train"].append(r)
         r = bench_inference(cfg, device, precision, tuple(args.infer_size), args.infer_repeats)

@@ -14,11 +14,12 @@ TINY = ["backbone=cnn", "crop_size=[128,128]", "hr_crop_size=[64,64]", "batch_si
 
 def test_train_step_benchmark_writes_its_report(tmp_path):
     result = bench_train_step.main(["--device", "cpu", "--iters", "1", "--warmup", "1", "--infer-size", "64", "128",
-                                    "--infer-repeats", "1", "--out", str(tmp_path), "--set", *TINY])
+                                    "--infer-repeats", "1", "--profile", "--out", str(tmp_path), "--set", *TINY])
     saved = json.loads((tmp_path / "bench_cpu.json").read_text())
     assert saved["settings"]["backbone"] == "cnn" and saved["settings"]["crop_size"] == [128, 128]
     train, infer = saved["train"][0], saved["inference"][0]
     assert train["s_per_iter"] > 0 and train["images_per_s"] > 0 and train["tflop_per_iter"] > 0
     assert infer["size"] == [64, 128] and infer["s_per_image"] > 0
-    assert "| fp32 | False |" in (tmp_path / "bench_cpu.md").read_text()
+    md = (tmp_path / "bench_cpu.md").read_text()
+    assert "| fp32 | False |" in md and "Where the time goes" in md and "aten::" in train["profile"]
     assert result["train"][0]["student_params"] == train["student_params"]
