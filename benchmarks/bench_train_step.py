@@ -4,7 +4,7 @@ per image with the full slide inference. Writes JSON and a markdown table into r
 
 Usage (from the repository root):
     .venv/bin/python benchmarks/bench_train_step.py --device cuda            # paper settings: MiT-B5, 1024/512, 2+2
-    .venv/bin/python benchmarks/bench_train_step.py --device cuda --precision fp32 tf32 bf16 --compile
+    .venv/bin/python benchmarks/bench_train_step.py --device cuda --precision fp32 tf32 bf16 --compile --checkpointing --profile
     .venv/bin/python benchmarks/bench_train_step.py --device cpu --set backbone=mit_b0 crop_size=[128,128] \
         hr_crop_size=[64,64] --infer-size 128 256                           # the CPU version at small sizes
 
@@ -59,7 +59,7 @@ def reset_peak(device: torch.device) -> None:
 
 
 def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile: bool, iters: int, warmup: int,
-                count_flops: bool, profile: bool = False) -> dict:
+                count_flops: bool, profile: bool = False, checkpointing: bool = False) -> dict:
     "Seconds per iteration, images per second, peak memory and FLOPs of `dacs_step` under `precision`."
     reset_peak(device)
     amp = autocast_dtype(precision, device)
@@ -69,6 +69,10 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
     student = build_segmentor(segmentor_config(cfg)).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     imnet = build_segmentor(segmentor_config(cfg)).to(device).requires_grad_(False).eval() if cfg.fd_lambda > 0 else None
+    if checkpointing:  # only the student trains; MiT backbones recompute block activations in backward
+        if not hasattr(student.backbone, "grad_checkpoint"):
+            raise SystemExit(f"--checkpointing needs a MiT backbone, not {cfg.backbone}")
+        student.backbone.grad_checkpoint = True
     if compile:
         for m in (student, teacher) + ((imnet,) if imnet is not None else ()):
             m.backbone = torch.compile(m.backbone)
@@ -96,7 +100,7 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
         flops = counter.get_total_flops()
     table = profile_table(lambda: step(warmup + iters + 1), device) if profile else None
     params = sum(p.numel() for p in student.parameters())
-    return {"profile": table, "precision": precision, "compile": compile, "s_per_iter": round(s_iter, 4),
+    return {"profile": table, "precision": precision, "compile": compile, "checkpointing": checkpointing, "s_per_iter": round(s_iter, 4),
             "images_per_s": round(2 * cfg.batch_size / s_iter, 2), "peak_mem_mb": round(peak_mb(device), 1),
             "warmup_s": round(warm_s, 2), "tflop_per_iter": None if flops is None else round(flops / 1e12, 3),
             "achieved_tflops": None if flops is None else round(flops / 1e12 / s_iter, 2), "student_params": params}
@@ -136,14 +140,15 @@ def markdown(result: dict) -> str:
     lines = [f"# HRDA speed and memory on {result['device_name']}", "",
              f"torch {result['torch']}, python {result['python']}; settings: {result['settings']}", "",
              f"Command: `{result['command']}`", "",
-             "| precision | compile | s / iteration | images / s | peak memory (MB) | TFLOP / iteration | achieved TFLOP/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| precision | compile | checkpointing | s / iteration | images / s | peak memory (MB) | TFLOP / iteration | achieved TFLOP/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result["train"]:
-        lines.append(f"| {r['precision']} | {r['compile']} | {r['s_per_iter']} | {r['images_per_s']} | {r['peak_mem_mb']} "
+        lines.append(f"| {r['precision']} | {r['compile']} | {r.get('checkpointing', False)} | {r['s_per_iter']} | {r['images_per_s']} | {r['peak_mem_mb']} "
                      f"| {r['tflop_per_iter']} | {r['achieved_tflops']} |")
     for r in result["train"]:
         if r.get("profile"):
-            lines += ["", f"Where the time goes ({r['precision']}, compile {r['compile']}, one iteration):", "", "```",
+            lines += ["", f"Where the time goes ({r['precision']}, compile {r['compile']}, checkpointing "
+                          f"{r.get('checkpointing', False)}, one iteration):", "", "```",
                       r["profile"].rstrip(), "```"]
     lines += ["", "| precision | image size | s / image | peak memory (MB) |", "|---|---|---:|---:|"]
     for r in result["inference"]:
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
     p.add_argument("--infer-repeats", type=int, default=3)
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more iteration)")
+    p.add_argument("--checkpointing", action="store_true", help="also measure with activation checkpointing (MiT)")
     p.add_argument("--profile", action="store_true", help="add the profiler's table of the top operators/kernels")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (default: the paper's)")
     p.add_argument("--out", default=str(ROOT / "reports" / "perf"), help="folder for bench_<device>.json/.md")
@@ -174,10 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
               "train": [], "inference": []}
     for precision in args.precision:
         for compile in ([False, True] if args.compile else [False]):
-            r = bench_train(cfg, device, precision, compile, args.iters, args.warmup, not args.no_flops,
-                            args.profile)
-            print(r, flush=True)
-            result["train"].append(r)
+            for ckpt in ([False, True] if args.checkpointing else [False]):
+                r = bench_train(cfg, device, precision, compile, args.iters, args.warmup, not args.no_flops,
+                                args.profile, ckpt)
+                print(r, flush=True)
+                result["train"].append(r)
         r = bench_inference(cfg, device, precision, tuple(args.infer_size), args.infer_repeats)
         print(r, flush=True)
         result["inference"].append(r)

@@ -199,7 +199,7 @@ def train_transform(img: np.ndarray, # (H0, W0, 3) uint8 RGB
     return dict(img=x, gt=torch.from_numpy(label.astype(np.int64)), valid_pseudo_mask=torch.from_numpy(mask.astype(np.float32)),
                 meta=dict(ori_shape=(h0, w0), img_shape=(h, w), crop_box=box, flip=flip))
 
-# %% ../nbs/01a_datasets.ipynb #8697560c
+# %% ../nbs/01a_datasets.ipynb #9b5af48b
 class SegDataset(Dataset):
     "A prepared dataset read for training through the per-sample pipeline."
     def __init__(self, root: str | Path, # the prepared dataset root
@@ -208,9 +208,11 @@ class SegDataset(Dataset):
                  pipeline: PipelineConfig | None = None, # default: hrda_pipeline(dataset, role)
                  role: str = "source", # 'source' or 'target'
                  seed: int = 0, # the seed of `__getitem__`
+                 cache: bool = False, # keep decoded images and labels in memory (per process): small datasets only
                 ):
         if role not in ("source", "target"): raise ValueError(f"role must be 'source' or 'target', got {role!r}")
         self.root, self.dataset, self.split, self.role, self.seed = Path(root), dataset, split, role, seed
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
         self.pipeline = pipeline or hrda_pipeline(dataset, role)
         if role == "target" and self.pipeline.cat_max_ratio < 1:
             raise ValueError("cat_max_ratio < 1 would crop target images by their labels (SPEC quirk 15); use 1.0")
@@ -222,14 +224,24 @@ class SegDataset(Dataset):
              generator: torch.Generator) -> dict:
         "Sample `i` through the pipeline, drawing from `generator`."
         img_path, label_path = self.files[i]
-        img, label = read_image(img_path), read_label(label_path)
-        if label.shape != img.shape[:2]:
-            raise DataPrepError(f"the label {label_path} is {label.shape[1]}x{label.shape[0]} but its image {img_path} is "
-                                f"{img.shape[1]}x{img.shape[0]}; prepare the dataset again or remove the pair")
+        img, label = self.read(i)
         s = train_transform(img, label, self.pipeline, generator, crop_uses_labels=self.role == "source")
         s["meta"].update(img_path=img_path, label_path=label_path, index=i)
         if self.role == "source": del s["valid_pseudo_mask"]
         return s
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        "The decoded (H, W, 3) image and (H, W) label of sample `i` (read-only arrays when cached)."
+        if self.cache is not None and i in self.cache: return self.cache[i]
+        img_path, label_path = self.files[i]
+        img, label = read_image(img_path), read_label(label_path)
+        if label.shape != img.shape[:2]:
+            raise DataPrepError(f"the label {label_path} is {label.shape[1]}x{label.shape[0]} but its image {img_path} is "
+                                f"{img.shape[1]}x{img.shape[0]}; prepare the dataset again or remove the pair")
+        if self.cache is not None:
+            img.flags.writeable = label.flags.writeable = False  # the pipeline must never change a cached array
+            self.cache[i] = (img, label)
+        return img, label
 
     def __getitem__(self, i: int) -> dict: return self.load(i % len(self), make_generator(self.seed, "sample", i))
 

@@ -14,7 +14,7 @@ from .core import CLASSES, repo_root, write_json, write_text
 
 # %% auto #0
 __all__ = ['METHODS', 'ATTENTION_ABLATIONS', 'FINE_CLASSES', 'Stages', 'run_template', 'notebook_html', 'demo_results',
-           'run_demo', 'demo_readme', 'demo_cli']
+           'demo_attention', 'training_seconds', 'run_demo', 'demo_readme', 'demo_cli']
 
 # %% ../nbs/08b_demo.ipynb #c6a23e10
 METHODS: dict[str, str] = {  # method key -> name in the report; each has experiments/synth_<key>.yaml
@@ -62,12 +62,13 @@ def notebook_html(notebook: str | Path, # an executed notebook
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(notebook, as_version=4))
     return write_text(html, body)
 
-# %% ../nbs/08b_demo.ipynb #823b13a6
+# %% ../nbs/08b_demo.ipynb #5ca9fcf3
 def _mean_metrics(paths: Sequence[Path]) -> dict | None:
     ms = [json.loads(p.read_text()) for p in paths if p.is_file()]
     if not ms: return None
     mean = lambda vals: round(sum(vals) / len(vals), 2) if vals else None
-    out = {"mIoU": mean([m["mIoU"] for m in ms if m.get("mIoU") is not None]), "seeds": len(ms), "IoU": {}}
+    out = {"mIoU": mean([m["mIoU"] for m in ms if m.get("mIoU") is not None]), "seeds": len(ms),
+           "per_seed": [None if m.get("mIoU") is None else round(m["mIoU"], 2) for m in ms], "IoU": {}}
     for c in ms[0]["IoU"]:
         out["IoU"][c] = mean([m["IoU"][c] for m in ms if m["IoU"].get(c) is not None])
     return out
@@ -86,7 +87,21 @@ def demo_results(out_dir: str | Path, # the demo folder
         if m: rows[name] = m
     return rows
 
-# %% ../nbs/08b_demo.ipynb #3a2c62a8
+def demo_attention(out_dir: str | Path, # the demo folder
+                   seeds: Sequence[int], # the seeds run
+                  ) -> dict[str, float]:
+    "Seed-mean HRDA attention at the true class, per class, from <out>/hrda/s<seed>/eval/attention_by_class.json."
+    found = [json.loads(p.read_text()) for s in seeds if (p := Path(out_dir, "hrda", f"s{s}", "eval", "attention_by_class.json")).is_file()]
+    return {c: round(sum(a[c] for a in found) / len(found), 3) for c in (found[0] if found else {}) if all(c in a for a in found)}
+
+def training_seconds(out_dir: str | Path, # the demo folder
+                     seeds: Sequence[int], # the seeds run
+                    ) -> dict[str, list[float | None]]:
+    "Per method, the training wall time of each seed's run (its metrics.json), so reused runs keep their real cost."
+    def wall(p: Path): return json.loads(p.read_text()).get("wall_time_s") if p.is_file() else None
+    return {name: [wall(Path(out_dir, key, f"s{s}", "metrics.json")) for s in seeds] for key, name in METHODS.items()}
+
+# %% ../nbs/08b_demo.ipynb #5e2e4ed4
 def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to the repository root)
              data_dir: str | Path = "data/synth", # synthetic benchmark root (written when missing)
              seeds: Sequence[int] = (0,), # training seeds of every method
@@ -95,7 +110,7 @@ def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to 
              html: bool = True, # render every executed notebook to HTML
             ) -> dict[str, dict]:
     "Run the whole demo and write its report; returns the results rows."
-    from hrda.predict import evaluate_checkpoint
+    from hrda.predict import attention_by_class, evaluate_checkpoint
     from hrda.synth import generate_benchmark, prepare_synth
     root = repo_root()
     out, data = root / out_dir, root / data_dir
@@ -121,11 +136,13 @@ def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to 
                 for a in ATTENTION_ABLATIONS.values():
                     evaluate_checkpoint(ckpt, out_dir=run / f"eval_attention_{a:g}", overrides={"fixed_attention": a},
                                         progress=False)
+                write_json(run / "eval" / "attention_by_class.json", attention_by_class(ckpt, progress=False))
     with stages("tables and figures (papermill nbs/runs/figures.ipynb)"):
         globs = ",".join(str(out / m / "s*") for m in methods)
         run_template("figures", out / "figures.ipynb", runs=globs, out_dir=str(out))
         rows = demo_results(out, seeds)
-        write_text(out / "README.md", demo_readme(rows, stages.times, seeds, out))
+        write_text(out / "README.md", demo_readme(rows, stages.times, seeds, out, demo_attention(out, seeds),
+                                                  training_seconds(out, seeds)))
     if html:
         with stages("HTML rendering of the executed notebooks"):
             for nb in sorted(out.rglob("*.ipynb")):
@@ -133,13 +150,15 @@ def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to 
     print((out / "README.md").read_text())
     return rows
 
-# %% ../nbs/08b_demo.ipynb #b5f71c18
+# %% ../nbs/08b_demo.ipynb #8a8aecd3
 FINE_CLASSES: tuple[str, ...] = ("pole", "traffic light", "traffic sign", "person", "rider", "bicycle")
 
 def demo_readme(rows: dict[str, dict], # from `demo_results`
                 times: dict[str, float], # stage -> seconds
                 seeds: Sequence[int], # the seeds
                 out: Path, # the demo folder
+                attention: dict[str, float] | None = None, # from `demo_attention`
+                train_seconds: dict[str, list] | None = None, # from `training_seconds`
                ) -> str:
     "The markdown report of the demo."
     from hrda.analysis import results_table
@@ -151,10 +170,24 @@ def demo_readme(rows: dict[str, dict], # from `demo_results`
              f"Target validation mIoU (%) over the 12 classes of the benchmark, mean over seeds {list(seeds)}; "
              f"fine mIoU averages {', '.join(FINE_CLASSES)}. Best per column in bold.", "",
              table(methods), ""]
+    fmt = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"
+    if len(seeds) > 1:
+        lines += ["mIoU of each seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|" + "---:|" * len(seeds),
+                  *[f"| {k} | " + " | ".join(fmt(v) for v in r.get("per_seed", [])) + " |" for k, r in rows.items()], ""]
     if ablations:
         lines += ["HRDA with its learned attention replaced by a constant at test time "
                   "(0: the upsampled LR context prediction only; 1: the HR detail prediction only):", "",
                   table({"HRDA": rows["HRDA"], **ablations} if "HRDA" in rows else ablations), ""]
+    if attention:
+        lines += ["HRDA's learned scale attention at the ground-truth class (0: LR context, 1: HR detail), mean over "
+                  "the target val pixels of each class and over the seeds:", "",
+                  "| " + " | ".join(attention) + " |", "|" + "---:|" * len(attention),
+                  "| " + " | ".join(fmt(v, 2) for v in attention.values()) + " |", ""]
+    if train_seconds:
+        lines += ["Training wall time of each run (s, from its `metrics.json`):", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds),
+                  *[f"| {k} | " + " | ".join(fmt(v, 0) for v in t) + " |" for k, t in train_seconds.items()], ""]
     lines += ["Figures: `figures/per_class_iou.png`, `figures/training_curves.png`, `figures/qualitative.png` and "
               "the attention maps `figures/attention_*.png`; executed notebooks in each run folder and as HTML in `html/`.",
               "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in times.items()],

@@ -163,7 +163,7 @@ class Style:
         return (Style, tuple(dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v
                              for f in dataclasses.fields(self)))
 
-# %% ../nbs/01b_synth.ipynb #30f44500
+# %% ../nbs/01b_synth.ipynb #b4cac4ab
 SOURCE_STYLE = Style(
     name="source",
     colors=dict(
@@ -201,9 +201,9 @@ TARGET_STYLE = Style(
         bicycle=((125, 45, 45), (30, 30, 30), (50, 65, 110), (170, 170, 170))),
     jitter=10.0,
     texture=dict(road=0.12, sidewalk=0.12, building=0.10, vegetation=0.18, sky=0.04, car=0.04),
-    grain=dict(road=0.07, sidewalk=0.07, building=0.04, vegetation=0.12),
+    grain=dict(road=0.04, sidewalk=0.04, building=0.02, vegetation=0.08),
     saturation=0.85, gain=(0.96, 1.0, 1.03), cast=0.05, gradient=0.3, shadows=(1, 3),
-    blur=(0.4, 0.8), noise=(3.0, 6.0), gamma=1.05)
+    blur=(0.3, 0.6), noise=(1.0, 2.5), gamma=1.05)
 
 # %% ../nbs/01b_synth.ipynb #b07c3399
 def _color(style: Style, material: str, rng: np.random.Generator, jitter: bool = True) -> np.ndarray:

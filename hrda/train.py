@@ -37,7 +37,7 @@ __all__ = ['RESUME_KEYS', 'TrainConfig', 'segmentor_config', 'resolve_paths', 'd
            'collate_tensors', 'SyncCrop', 'build_datasets', 'run_dir', 'NonFiniteLossError', 'read_log', 'RunLog',
            'check_finite', 'provenance', 'train', 'train_cli']
 
-# %% ../nbs/06a_train.ipynb #117a2e70
+# %% ../nbs/06a_train.ipynb #5872396c
 @dataclass
 class TrainConfig:
     "Every option of a training run; defaults = HRDA GTA→Cityscapes (SPEC 5)."
@@ -67,6 +67,7 @@ class TrainConfig:
     rcs_min_crop_ratio: float = 2.0  # crops are re-drawn until they hold min_pixels × this of the class
     batch_size: int = 2  # source (and target) images per iteration and process
     workers: int = 1  # data-loading processes per training process (0: in the main process)
+    cache_images: bool = False  # keep decoded training images in memory in each loader process (small datasets only)
     # model
     backbone: str = "mit_b5"  # hrda.backbones name
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. {drop_path_rate: 0.1} or {widths: [32, 64, 96, 128]}
@@ -149,7 +150,7 @@ def dacs_config(cfg: TrainConfig) -> DACSConfig:
                       num_classes=cfg.num_classes, color_jitter_strength=cfg.color_jitter_strength,
                       color_jitter_p=cfg.color_jitter_p, blur=cfg.blur, self_training=cfg.self_training)
 
-# %% ../nbs/06a_train.ipynb #5f7314f8
+# %% ../nbs/06a_train.ipynb #02ae9612
 class IterationSampler(Sampler[int]):
     "Indices of iterations [start, stop) for one process: t·batch·world + rank·batch + k."
     def __init__(self, start: int, stop: int, # the iteration range
@@ -183,12 +184,13 @@ class SyncCrop(Dataset):
 
 def build_datasets(cfg: TrainConfig) -> tuple[Dataset, ValDataset]:
     "The training pairs (source only when not self-training) and the target validation set of `cfg`."
-    src = SegDataset(cfg.source_root, cfg.source, "train", role="source", seed=cfg.seed, pipeline=PipelineConfig(
-        scale=cfg.source_scale, crop_size=cfg.crop_size, cat_max_ratio=cfg.cat_max_ratio))
+    src = SegDataset(cfg.source_root, cfg.source, "train", role="source", seed=cfg.seed, cache=cfg.cache_images,
+                     pipeline=PipelineConfig(scale=cfg.source_scale, crop_size=cfg.crop_size, cat_max_ratio=cfg.cat_max_ratio))
     trg = None
     if cfg.self_training:
-        trg = SegDataset(cfg.target_root, cfg.target, "train", role="target", seed=cfg.seed, pipeline=PipelineConfig(
-            scale=cfg.target_scale, crop_size=cfg.crop_size, pseudo_margins=cfg.pseudo_margins))
+        trg = SegDataset(cfg.target_root, cfg.target, "train", role="target", seed=cfg.seed, cache=cfg.cache_images,
+                         pipeline=PipelineConfig(scale=cfg.target_scale, crop_size=cfg.crop_size,
+                                                 pseudo_margins=cfg.pseudo_margins))
     rcs = RCSConfig(cfg.rcs_temperature, cfg.rcs_min_pixels, cfg.rcs_min_crop_ratio) if cfg.rcs else None
     pairs = UDADataset(src, trg, rcs, seed=cfg.seed)
     if cfg.sync_crop_size is not None: pairs = SyncCrop(pairs, cfg.sync_crop_size, cfg.seed)

@@ -21,5 +21,14 @@ def test_train_step_benchmark_writes_its_report(tmp_path):
     assert train["s_per_iter"] > 0 and train["images_per_s"] > 0 and train["tflop_per_iter"] > 0
     assert infer["size"] == [64, 128] and infer["s_per_image"] > 0
     md = (tmp_path / "bench_cpu.md").read_text()
-    assert "| fp32 | False |" in md and "Where the time goes" in md and "aten::" in train["profile"]
+    assert "| fp32 | False | False |" in md and "Where the time goes" in md and "aten::" in train["profile"]
     assert result["train"][0]["student_params"] == train["student_params"]
+
+
+def test_train_step_benchmark_measures_activation_checkpointing(tmp_path):
+    mit = ["backbone=mit_b0", "crop_size=[64,64]", "hr_crop_size=[32,32]", "fd_lambda=0.0", "test_crop_size=[64,64]",
+           "test_stride=[32,32]"]
+    result = bench_train_step.main(["--device", "cpu", "--iters", "1", "--warmup", "0", "--no-flops", "--checkpointing",
+                                    "--infer-size", "64", "64", "--infer-repeats", "1", "--out", str(tmp_path), "--set", *mit])
+    assert [r["checkpointing"] for r in result["train"]] == [False, True]
+    assert "| fp32 | False | True |" in (tmp_path / "bench_cpu.md").read_text()
