@@ -297,7 +297,7 @@ def _evaluate(student: nn.Module, val, cfg: TrainConfig, device) -> dict:
     model.train()
     return metrics
 
-# %% ../nbs/06a_train.ipynb #278a1e5c
+# %% ../nbs/06a_train.ipynb #b73340bf
 def train(cfg: TrainConfig, # the run
           resume: bool | str | Path = True, # True: continue from <run>/checkpoints/latest.pth if it exists; a path; False: start over
           stop_after: int | None = None, # stop (with a checkpoint) once this many iterations are done; resume later
@@ -366,10 +366,13 @@ def train(cfg: TrainConfig, # the run
                            **_state(student, teacher, optimizer, scaler, generator))
     bar.close()
     if runlog is not None: runlog.close()
+    prov, previous = provenance(), out / "metrics.json"
+    if done == start and ckpt is not None and previous.is_file():  # nothing trained now: keep who trained the run
+        prov = json.loads(previous.read_text()).get("provenance", prov)
     result = {"experiment": cfg.experiment, "run": cfg.run or f"s{cfg.seed}", "iterations": done,
               "finished": done >= cfg.iters, "wall_time_s": round(seconds + time.time() - t0, 1), "world_size": world,
               "final": evals[-1] if evals else None, "evals": evals, "config": config_to_dict(cfg),
-              "provenance": provenance()}
+              "provenance": prov}
     if main:
         write_json(out / "metrics.json", result)
         if not result["finished"]: log.info(f"stopped after iteration {done}; run again to continue")

@@ -78,6 +78,11 @@ def test_exact_resume(synth, straight, tmp_path):
     assert a["optimizer"]["state"], "the optimizer state is empty: nothing was compared"
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(read_log(split.out_dir)) == strip(read_log(cfg.out_dir))  # the resumed log continues, no duplicates
+    marked = json.loads((hrda.train.run_dir(split) / "metrics.json").read_text())
+    marked["provenance"]["git_commit"] = "the commit that trained it"
+    (hrda.train.run_dir(split) / "metrics.json").write_text(json.dumps(marked))
+    again = train(split)  # finished already: nothing trains, and the provenance of the training stays
+    assert again["iterations"] == 6 and again["provenance"]["git_commit"] == "the commit that trained it"
     assert resumed["final"]["mIoU"] == result["final"]["mIoU"]
 
 
