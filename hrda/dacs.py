@@ -23,7 +23,7 @@ __all__ = ['FD_CLASSES', 'JITTER_OPS', 'DACSConfig', 'ema_alpha', 'ema_init_', '
            'gaussian_kernel1d', 'gaussian_blur', 'strong_augment', 'downscale_label_ratio', 'feature_distance',
            'DACSStepOutput', 'dacs_step']
 
-# %% ../nbs/05_dacs.ipynb #ea68c45a
+# %% ../nbs/05_dacs.ipynb #52834e73
 FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-distance classes (no pole)
 
 @dataclass
@@ -43,6 +43,7 @@ class DACSConfig:
     mean: tuple[float, float, float] = IMG_MEAN  # image normalisation (0..255 RGB)
     std: tuple[float, float, float] = IMG_STD
     self_training: bool = True  # False: source pass (and FD) only, no teacher, no mixing
+    pseudo_label_overlapping: bool | None = None  # the teacher's HR slide for pseudo-labels (None: the model's setting)
 
 # %% ../nbs/05_dacs.ipynb #04b0636a
 def ema_alpha(t: int, # the 0-based iteration
@@ -336,7 +337,7 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
     if not mask.any(): return dist.new_zeros(()), mask  # the original's NaN mean, made a no-op
     return lam * dist[mask].mean(), mask
 
-# %% ../nbs/05_dacs.ipynb #ae629a08
+# %% ../nbs/05_dacs.ipynb #9fe14c5a
 class DACSStepOutput(NamedTuple):
     "What one iteration returns: float logs, and (when asked) the batch's intermediate tensors for debug figures."
     logs: dict[str, float]
@@ -392,7 +393,8 @@ def dacs_step(student: nn.Module, # the segmentor being trained
     if cfg.self_training:
         trg = batch["target_img"]
         teacher_mode_(teacher)  # 5. pseudo-labels: BN on batch statistics, no dropout
-        with torch.no_grad(), amp(): trg_logits = teacher.encode_decode(trg)
+        slide = {} if cfg.pseudo_label_overlapping is None else {"hr_slide_overlapping": cfg.pseudo_label_overlapping}
+        with torch.no_grad(), amp(): trg_logits = teacher.encode_decode(trg, **slide)
         pl, pw, q = pseudo_label(trg_logits, cfg.pseudo_threshold, batch.get("valid_pseudo_mask"),
                                  cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom)
         masks = classmix_masks(gt, generator)  # 6. ClassMix from the source labels

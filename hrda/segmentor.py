@@ -236,10 +236,11 @@ def _forward_train(self: Segmentor,
                        "lr_scaled": parts["lr_scaled"].detach(), "fused": parts["fused"].detach()}
     return out
 
-# %% ../nbs/04_segmentor.ipynb #3d33d3c1
+# %% ../nbs/04_segmentor.ipynb #de85018c
 def _hrda_maps(self: Segmentor,
                img: torch.Tensor, # (B, 3, H, W), H and W multiples of `size_divisor`
                fixed_attention: float | None = None, # overrides cfg.fixed_attention
+               overlapping: bool | None = None, # overrides cfg.hr_slide_overlapping
               ) -> dict[str, torch.Tensor]:
     "Upsampled LR logits, stitched HR logits, upsampled unmasked attention and fused logits, at HR-map resolution."
     cfg, os_ = self.cfg, self.output_stride
@@ -250,7 +251,8 @@ def _hrda_maps(self: Segmentor,
     hr_hw = (hr_img.shape[-2] // os_, hr_img.shape[-1] // os_)
     prep = blur_downup if cfg.blur_hr_crop else (lambda x: x)
     if cfg.hr_slide_inference and cfg.hr_crop_size is not None:
-        stride = tuple(c // 2 for c in cfg.hr_crop_size) if cfg.hr_slide_overlapping else cfg.hr_crop_size
+        overlap = cfg.hr_slide_overlapping if overlapping is None else overlapping
+        stride = tuple(c // 2 for c in cfg.hr_crop_size) if overlap else cfg.hr_crop_size
         boxes = slide_boxes(hr_img.shape[-2:], cfg.hr_crop_size, stride)
         windows = self.decode_head(self.backbone(prep(crop_windows(hr_img, boxes))))  # (n·B, K, h, w)
         hr_logits = stitch_windows(windows, [scale_box(b, 1 / os_) for b in boxes], hr_hw)
@@ -263,6 +265,7 @@ def _encode_decode(self: Segmentor,
                    img: torch.Tensor, # (B, 3, H, W) normalised, any size
                    fixed_attention: float | None = None, # overrides cfg.fixed_attention (0: LR only, 1: HR only)
                    return_maps: bool = False, # return lr/hr/attention/fused maps (each at input size), not logits
+                   hr_slide_overlapping: bool | None = None, # overrides cfg.hr_slide_overlapping (e.g. for pseudo-labels)
                   ) -> torch.Tensor | dict[str, torch.Tensor]:
     "Logits (B, K, H, W) at the input size: LR context + HR sliding windows, fused with unmasked attention."
     H, W = img.shape[-2:]
@@ -270,7 +273,7 @@ def _encode_decode(self: Segmentor,
     x = _pad_to(img, (-(-H // d) * d, -(-W // d) * d))
     if self.cfg.single_scale is not None:
         maps = {"fused": self.decode_head(self.backbone(resize(x, scale=self.cfg.single_scale)))}
-    else: maps = _hrda_maps(self, x, fixed_attention)
+    else: maps = _hrda_maps(self, x, fixed_attention, hr_slide_overlapping)
     maps = {k: resize(v, x.shape[-2:])[..., :H, :W] for k, v in maps.items()}
     return maps if return_maps else maps["fused"]
 

@@ -37,7 +37,7 @@ __all__ = ['RESUME_KEYS', 'TrainConfig', 'segmentor_config', 'resolve_paths', 'd
            'collate_tensors', 'SyncCrop', 'build_datasets', 'run_dir', 'NonFiniteLossError', 'read_log', 'RunLog',
            'check_finite', 'provenance', 'train', 'train_cli']
 
-# %% ../nbs/06a_train.ipynb #5872396c
+# %% ../nbs/06a_train.ipynb #f80b53a0
 @dataclass
 class TrainConfig:
     "Every option of a training run; defaults = HRDA GTA→Cityscapes (SPEC 5)."
@@ -88,6 +88,7 @@ class TrainConfig:
     fixed_attention: float | None = None  # ablation: a constant attention
     attention_classwise: bool = True  # one attention channel per class (ablation 'singleatt': False)
     hr_slide_overlapping: bool = True  # HR slide stride = detail crop / 2 (ablation 'nooverlap': False)
+    pseudo_label_overlapping: bool | None = None  # the teacher's HR slide for pseudo-labels only (None: hr_slide_overlapping)
     feature_scale: float | str = 0.5  # scale whose features the FD loss uses, or 'all'
     test_mode: Literal["slide", "whole"] = "slide"  # outer test inference: sliding windows or the whole image
     test_crop_size: tuple[int, int] = (1024, 1024)  # outer test window (h, w)
@@ -116,7 +117,7 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard scalars
     progress: bool = True  # tqdm progress bar
 
-# %% ../nbs/06a_train.ipynb #4f8f0e13
+# %% ../nbs/06a_train.ipynb #cc066dc4
 RESUME_KEYS: tuple[str, ...] = (
     "seed", "source", "target", "source_scale", "target_scale", "crop_size", "sync_crop_size", "rcs", "batch_size",
     "backbone", "backbone_kwargs", "head", "head_kwargs", "attention_head", "attention_head_kwargs",
@@ -148,7 +149,8 @@ def dacs_config(cfg: TrainConfig) -> DACSConfig:
     "The self-training part of `cfg`."
     return DACSConfig(alpha=cfg.alpha, pseudo_threshold=cfg.pseudo_threshold, fd_lambda=cfg.fd_lambda,
                       num_classes=cfg.num_classes, color_jitter_strength=cfg.color_jitter_strength,
-                      color_jitter_p=cfg.color_jitter_p, blur=cfg.blur, self_training=cfg.self_training)
+                      color_jitter_p=cfg.color_jitter_p, blur=cfg.blur, self_training=cfg.self_training,
+                      pseudo_label_overlapping=cfg.pseudo_label_overlapping)
 
 # %% ../nbs/06a_train.ipynb #02ae9612
 class IterationSampler(Sampler[int]):
