@@ -163,7 +163,7 @@ def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to 
     print((out / "README.md").read_text())
     return rows
 
-# %% ../nbs/08b_demo.ipynb #8a8aecd3
+# %% ../nbs/08b_demo.ipynb #5a361665
 FINE_CLASSES: tuple[str, ...] = ("pole", "traffic light", "traffic sign", "person", "rider", "bicycle")
 
 def demo_readme(rows: dict[str, dict], # from `demo_results`
@@ -184,10 +184,11 @@ def demo_readme(rows: dict[str, dict], # from `demo_results`
              f"fine mIoU averages {', '.join(FINE_CLASSES)}. Best per column in bold.", "",
              table(methods), ""]
     fmt = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"
+    def per_seed(title: str, values: dict[str, list], d: int) -> list[str]:  # a method × seed table
+        return [title, "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds),
+                *[f"| {k} | " + " | ".join(fmt(v, d) for v in vs) + " |" for k, vs in values.items()], ""]
     if len(seeds) > 1:
-        lines += ["mIoU of each seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-                  "|---|" + "---:|" * len(seeds),
-                  *[f"| {k} | " + " | ".join(fmt(v) for v in r.get("per_seed", [])) + " |" for k, r in rows.items()], ""]
+        lines += per_seed("mIoU of each seed:", {k: r.get("per_seed", []) for k, r in rows.items()}, 1)
     if ablations:
         lines += ["HRDA with its learned attention replaced by a constant at test time "
                   "(0: the upsampled LR context prediction only; 1: the HR detail prediction only):", "",
@@ -197,10 +198,7 @@ def demo_readme(rows: dict[str, dict], # from `demo_results`
                   "the target val pixels of each class and over the seeds:", "",
                   "| " + " | ".join(attention) + " |", "|" + "---:|" * len(attention),
                   "| " + " | ".join(fmt(v, 2) for v in attention.values()) + " |", ""]
-    if train_seconds:
-        lines += ["Training wall time of each run (s, from its `metrics.json`):", "",
-                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---:|" * len(seeds),
-                  *[f"| {k} | " + " | ".join(fmt(v, 0) for v in t) + " |" for k, t in train_seconds.items()], ""]
+    if train_seconds: lines += per_seed("Training wall time of each run (s, from its `metrics.json`):", train_seconds, 0)
     lines += ["Figures: `figures/per_class_iou.png`, `figures/training_curves.png`, `figures/qualitative.png` and "
               "the attention maps `figures/attention_*.png`; executed notebooks in each run folder and as HTML in `html/`.",
               "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in times.items()],
