@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,18 @@ def random_batch(cfg: TrainConfig, device: torch.device, g: torch.Generator) -> 
             "valid_pseudo_mask": torch.ones(b, h, w).to(device)}
 
 
+def compile_regions(model: torch.nn.Module) -> None:
+    """Compile the repeated regions of `model` in place: each MiT block's attention and Mix-FFN (one graph per stage and
+    input shape, shared by the stage's blocks), else the whole backbone. Stochastic depth stays outside the graphs."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    blocks = [m for m in model.backbone.modules() if hasattr(m, "attn") and hasattr(m, "mlp")]
+    for blk in blocks:
+        blk.attn.compile(dynamic=False)
+        blk.mlp.compile(dynamic=False)
+    if not blocks:
+        model.backbone = torch.compile(model.backbone)
+
+
 def peak_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _cpu_peak_mb()
 
@@ -58,10 +71,17 @@ def reset_peak(device: torch.device) -> None:
         _reset_cpu_peak()
 
 
-def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile: bool, iters: int, warmup: int,
-                count_flops: bool, profile: bool = False, checkpointing: bool = False) -> dict:
-    "Seconds per iteration, images per second, peak memory and FLOPs of `dacs_step` under `precision`."
-    reset_peak(device)
+def dwconv_on_contiguous(on: bool) -> None:
+    "Experiment: Mix-FFN's depthwise conv on a contiguous (NCHW) copy of its input instead of the channels-last view."
+    from hrda import backbones
+    if not hasattr(backbones.DWConv, "_view_forward"): backbones.DWConv._view_forward = backbones.DWConv.forward
+    backbones.DWConv.forward = (lambda self, x, h, w: self.dwconv(backbones.tokens_to_map(x, h, w).contiguous())
+                                .flatten(2).transpose(1, 2)) if on else backbones.DWConv._view_forward
+
+
+def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: bool = False,
+              checkpointing: bool = False) -> tuple:
+    "(step(t), student): one `dacs_step` at iteration t on a fixed random batch, with fresh models and optimiser."
     amp = autocast_dtype(precision, device)
     if device.type == "cuda" and precision != "tf32":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -75,13 +95,24 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
         student.backbone.grad_checkpoint = True
     if compile:
         for m in (student, teacher) + ((imnet,) if imnet is not None else ()):
-            m.backbone = torch.compile(m.backbone)
+            compile_regions(m)
     optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     g = make_generator(0)
     dcfg = dacs_config(cfg)
     batch = random_batch(cfg, device, make_generator(0, "batch"))
     step = lambda t: dacs_step(student, teacher, imnet, optimizer, batch, t, g, dcfg, amp, scaler)
+    return step, student
+
+
+def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile: bool, iters: int, warmup: int,
+                count_flops: bool, profile: bool = False, checkpointing: bool = False, cudnn_benchmark: bool = False,
+                layout: str = "") -> dict:
+    "Seconds per iteration, images per second, peak memory and FLOPs of `dacs_step` under `precision`."
+    reset_peak(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    dwconv_on_contiguous(layout == "dwconv")
+    step, student = make_step(cfg, device, precision, compile, checkpointing)
     t0 = time.perf_counter()
     for t in range(warmup):
         step(t)
@@ -92,37 +123,54 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
         step(t)
     _sync(device)
     s_iter = (time.perf_counter() - t0) / iters
+    peak = peak_mb(device)  # of training alone: the FLOP count below holds extra references
     flops = None
     if count_flops:
         counter = FlopCounterMode(display=False)
         with counter:
             step(warmup + iters)
         flops = counter.get_total_flops()
-    table = profile_table(lambda: step(warmup + iters + 1), device) if profile else None
+    table, busy = profile_table(lambda: step(warmup + iters + 1), device) if profile else (None, {})
     params = sum(p.numel() for p in student.parameters())
-    return {"profile": table, "precision": precision, "compile": compile, "checkpointing": checkpointing, "s_per_iter": round(s_iter, 4),
-            "images_per_s": round(2 * cfg.batch_size / s_iter, 2), "peak_mem_mb": round(peak_mb(device), 1),
+    return {"profile": table, **busy, "precision": precision, "compile": compile, "checkpointing": checkpointing,
+            "cudnn_benchmark": cudnn_benchmark, "layout_experiment": layout, "s_per_iter": round(s_iter, 4),
+            "images_per_s": round(2 * cfg.batch_size / s_iter, 2), "peak_mem_mb": round(peak, 1),
             "warmup_s": round(warm_s, 2), "tflop_per_iter": None if flops is None else round(flops / 1e12, 3),
             "achieved_tflops": None if flops is None else round(flops / 1e12 / s_iter, 2), "student_params": params}
 
 
-def profile_table(fn, device: torch.device, rows: int = 15) -> str:
-    "The top operators (kernels on a GPU) of one call of `fn` by self time, as the profiler's text table."
+def profile_table(fn, device: torch.device, rows: int = 15) -> tuple[str, dict]:
+    """The top operators (kernels on a GPU) of one call of `fn` by self time, as the profiler's text table; and the
+    call's operator count, its host (CPU) time and, on a GPU, the time the GPU was busy (the sum of kernel times)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
         _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=key, row_limit=rows)
+    if device.type == "cuda":  # the host's side too: launches, and the waits of synchronising calls
+        table += "\n" + averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    busy = {"profiled_ops": sum(e.count for e in averages if e.key.startswith("aten::")),
+            "profiled_cpu_ms": round(sum(e.self_cpu_time_total for e in averages) / 1e3, 1)}
+    found = re.search(r"Self CUDA time total: ([0-9.]+)(ms|s|us)", table)
+    if found:  # kernels never overlap in this eager, one-stream step, so their sum is the GPU's busy time
+        busy["gpu_busy_ms"] = round(float(found[1]) * {"s": 1e3, "ms": 1.0, "us": 1e-3}[found[2]], 1)
+    return table, busy
 
 
-def bench_inference(cfg: TrainConfig, device: torch.device, precision: str, size: tuple[int, int], repeats: int) -> dict:
+def bench_inference(cfg: TrainConfig, device: torch.device, precision: str, size: tuple[int, int], repeats: int,
+                    compile: bool = False, cudnn_benchmark: bool = False, profile: bool = False, layout: str = "") -> dict:
     "Seconds per image of the full test-time inference (outer slide, HR slide, fusion) at `size`."
     reset_peak(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    dwconv_on_contiguous(layout == "dwconv")
     amp = autocast_dtype(precision, device)
     torch.manual_seed(0)
     model = build_segmentor(segmentor_config(cfg)).to(device).eval()
+    if compile:
+        compile_regions(model)
     img = torch.randn(1, 3, *size, generator=make_generator(0)).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         model.inference(img)
@@ -131,8 +179,11 @@ def bench_inference(cfg: TrainConfig, device: torch.device, precision: str, size
         for _ in range(repeats):
             model.inference(img)
         _sync(device)
-    return {"precision": precision, "size": list(size), "s_per_image": round((time.perf_counter() - t0) / repeats, 4),
-            "peak_mem_mb": round(peak_mb(device), 1)}
+        s_image = (time.perf_counter() - t0) / repeats
+        table, busy = profile_table(lambda: model.inference(img), device) if profile else (None, {})
+    return {"precision": precision, "compile": compile, "cudnn_benchmark": cudnn_benchmark, "layout_experiment": layout,
+            "size": list(size),
+            "s_per_image": round(s_image, 4), "peak_mem_mb": round(peak_mb(device), 1), **busy, "profile": table}
 
 
 def markdown(result: dict) -> str:
@@ -140,20 +191,48 @@ def markdown(result: dict) -> str:
     lines = [f"# HRDA speed and memory on {result['device_name']}", "",
              f"torch {result['torch']}, python {result['python']}; settings: {result['settings']}", "",
              f"Command: `{result['command']}`", "",
-             "| precision | compile | checkpointing | s / iteration | images / s | peak memory (MB) | TFLOP / iteration | achieved TFLOP/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| precision | compile | checkpointing | cudnn benchmark | layout experiment | s / iteration | images / s | peak memory (MB) "
+             "| TFLOP / iteration | achieved TFLOP/s | GPU busy (ms) | operators |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["train"]:
-        lines.append(f"| {r['precision']} | {r['compile']} | {r.get('checkpointing', False)} | {r['s_per_iter']} | {r['images_per_s']} | {r['peak_mem_mb']} "
-                     f"| {r['tflop_per_iter']} | {r['achieved_tflops']} |")
-    for r in result["train"]:
-        if r.get("profile"):
-            lines += ["", f"Where the time goes ({r['precision']}, compile {r['compile']}, checkpointing "
-                          f"{r.get('checkpointing', False)}, one iteration):", "", "```",
-                      r["profile"].rstrip(), "```"]
-    lines += ["", "| precision | image size | s / image | peak memory (MB) |", "|---|---|---:|---:|"]
+        lines.append(f"| {r['precision']} | {r['compile']} | {r['checkpointing']} | {r.get('cudnn_benchmark', False)} "
+                     f"| {r.get('layout_experiment') or '-'} | {r['s_per_iter']} | {r['images_per_s']} | {r['peak_mem_mb']} | {r['tflop_per_iter']} "
+                     f"| {r['achieved_tflops']} | {r.get('gpu_busy_ms', '')} | {r.get('profiled_ops', '')} |")
+    lines += ["", "| precision | compile | cudnn benchmark | layout experiment | image size | s / image | peak memory (MB) | GPU busy (ms) |",
+              "|---|---|---|---|---|---:|---:|---:|"]
     for r in result["inference"]:
-        lines.append(f"| {r['precision']} | {r['size'][0]}×{r['size'][1]} | {r['s_per_image']} | {r['peak_mem_mb']} |")
+        lines.append(f"| {r['precision']} | {r.get('compile', False)} | {r.get('cudnn_benchmark', False)} "
+                     f"| {r.get('layout_experiment') or '-'} | {r['size'][0]}×{r['size'][1]} | {r['s_per_image']} | {r['peak_mem_mb']} | {r.get('gpu_busy_ms', '')} |")
+    for kind in ("train", "inference"):
+        for r in result[kind]:
+            if r.get("profile"):
+                what = "one iteration" if kind == "train" else f"one {r['size'][0]}×{r['size'][1]} image"
+                lines += ["", f"Where the time goes ({what}; {r['precision']}, compile {r['compile']}, checkpointing "
+                              f"{r.get('checkpointing', False)}, cudnn benchmark {r.get('cudnn_benchmark', False)}, layout experiment {r.get('layout_experiment') or '-'}):", "",
+                          "```", r["profile"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, bool, bool, bool, bool]]:
+    """(precision, compile, checkpointing, cudnn benchmark, dwconv on NCHW) to measure: `--variants` as written, else
+    every combination of the flags."""
+    if args.variants:
+        out = []
+        for v in args.variants:
+            precision, *flags = v.split("+")
+            if precision not in ("fp32", "tf32", "bf16", "fp16") or set(flags) - {"compile", "ckpt", "cudnn", "nchw"}:
+                raise SystemExit(f"unknown variant {v!r}: write PRECISION[+compile][+ckpt][+cudnn][+nchw], e.g. bf16+compile")
+            layout = "dwconv" if "nchw" in flags else ""
+            out.append((precision, "compile" in flags, "ckpt" in flags, "cudnn" in flags, layout))
+        return out
+    return [(p, c, k, False, "") for p in args.precision for c in ([False, True] if args.compile else [False])
+            for k in ([False, True] if args.checkpointing else [False])]
+
+
+def save(result: dict, out: Path, tag: str) -> None:
+    "Write the results so far as bench_<tag>.json and .md (each atomically)."
+    write_json(out / f"bench_{tag}.json", result)
+    write_text(out / f"bench_{tag}.md", markdown(result))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more iteration)")
     p.add_argument("--checkpointing", action="store_true", help="also measure with activation checkpointing (MiT)")
     p.add_argument("--profile", action="store_true", help="add the profiler's table of the top operators/kernels")
+    p.add_argument("--variants", nargs="+", metavar="PRECISION[+compile][+ckpt][+cudnn][+nchw]",
+                   help="measure exactly these, e.g. fp32 bf16 bf16+ckpt bf16+compile bf16+cudnn (instead of the flags "
+                        "above; cudnn: torch.backends.cudnn.benchmark, which picks convolution kernels by timing them)")
+    p.add_argument("--no-inference", action="store_true", help="skip the test-time inference timing")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (default: the paper's)")
     p.add_argument("--out", default=str(ROOT / "reports" / "perf"), help="folder for bench_<device>.json/.md")
     args = p.parse_args(argv)
@@ -178,20 +261,22 @@ def main(argv: list[str] | None = None) -> dict:
               "command": " ".join(["python benchmarks/bench_train_step.py", *(argv if argv is not None else sys.argv[1:])]),
               "settings": {k: getattr(cfg, k) for k in ("backbone", "crop_size", "hr_crop_size", "batch_size", "fd_lambda")},
               "train": [], "inference": []}
-    for precision in args.precision:
-        for compile in ([False, True] if args.compile else [False]):
-            for ckpt in ([False, True] if args.checkpointing else [False]):
-                r = bench_train(cfg, device, precision, compile, args.iters, args.warmup, not args.no_flops,
-                                args.profile, ckpt)
-                print(r, flush=True)
-                result["train"].append(r)
-        r = bench_inference(cfg, device, precision, tuple(args.infer_size), args.infer_repeats)
-        print(r, flush=True)
-        result["inference"].append(r)
-    out = Path(args.out)
-    tag = device.type
-    write_json(out / f"bench_{tag}.json", result)
-    write_text(out / f"bench_{tag}.md", markdown(result))
+    out, tag = Path(args.out), device.type
+    counted = False
+    for precision, compile, ckpt, cudnn, layout in variants(args):
+        r = bench_train(cfg, device, precision, compile, args.iters, args.warmup,
+                        not (args.no_flops or compile or counted), args.profile, ckpt, cudnn, layout)  # FLOPs: once, eager
+        counted = counted or r["tflop_per_iter"] is not None
+        print({k: v for k, v in r.items() if k != "profile"}, flush=True)
+        result["train"].append(r)
+        save(result, out, tag)  # after every measurement, so that a run cut short keeps what it measured
+        measured = [(i["precision"], i["compile"], i["cudnn_benchmark"], i["layout_experiment"]) for i in result["inference"]]
+        if (precision, compile, cudnn, layout) not in measured and not args.no_inference:  # checkpointing: no change
+            r = bench_inference(cfg, device, precision, tuple(args.infer_size), args.infer_repeats, compile, cudnn,
+                                args.profile, layout)
+            print({k: v for k, v in r.items() if k != "profile"}, flush=True)
+            result["inference"].append(r)
+            save(result, out, tag)
     print(markdown(result))
     return result
 

@@ -55,7 +55,7 @@ class ConvNormAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activate(getattr(self, self.norm_name)(self.conv(x)))
 
-# %% ../nbs/03a_heads.ipynb #a1838695
+# %% ../nbs/03a_heads.ipynb #11718c9e
 class LinearEmbed(nn.Module):
     "A token-wise Linear layer (`proj`) applied to every pixel of a feature map."
     def __init__(self, in_ch: int, out_ch: int):
@@ -88,6 +88,8 @@ class SeparableASPP(nn.Module):
         self.bottleneck = ConvNormAct(len(dilations) * channels, channels, 3, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # cuDNN's dilated depthwise convs run 5-10x slower on the channels-last maps the embeddings make
+            x = x.contiguous()  # (benchmarks/bench_dwconv.py); on the CPU that layout is the faster one
         return self.bottleneck(torch.cat([branch(x) for branch in self.aspp_modules], dim=1))
 
 # %% ../nbs/03a_heads.ipynb #b7922721

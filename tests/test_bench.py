@@ -2,6 +2,8 @@
 import json
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -21,7 +23,7 @@ def test_train_step_benchmark_writes_its_report(tmp_path):
     assert train["s_per_iter"] > 0 and train["images_per_s"] > 0 and train["tflop_per_iter"] > 0
     assert infer["size"] == [64, 128] and infer["s_per_image"] > 0
     md = (tmp_path / "bench_cpu.md").read_text()
-    assert "| fp32 | False | False |" in md and "Where the time goes" in md and "aten::" in train["profile"]
+    assert "| fp32 | False | False | False | - |" in md and "Where the time goes" in md and "aten::" in train["profile"]
     assert result["train"][0]["student_params"] == train["student_params"]
 
 
@@ -31,4 +33,31 @@ def test_train_step_benchmark_measures_activation_checkpointing(tmp_path):
     result = bench_train_step.main(["--device", "cpu", "--iters", "1", "--warmup", "0", "--no-flops", "--checkpointing",
                                     "--infer-size", "64", "64", "--infer-repeats", "1", "--out", str(tmp_path), "--set", *mit])
     assert [r["checkpointing"] for r in result["train"]] == [False, True]
-    assert "| fp32 | False | True |" in (tmp_path / "bench_cpu.md").read_text()
+    assert "| fp32 | False | True | False | - |" in (tmp_path / "bench_cpu.md").read_text()
+
+
+def test_train_step_benchmark_measures_named_variants_and_rejects_unknown_ones(tmp_path):
+    args = ["--device", "cpu", "--iters", "1", "--warmup", "0", "--no-flops", "--no-inference", "--out", str(tmp_path)]
+    result = bench_train_step.main([*args, "--variants", "fp32", "bf16", "--set", *TINY])
+    assert [(r["precision"], r["compile"], r["checkpointing"]) for r in result["train"]] == [("fp32", False, False),
+                                                                                            ("bf16", False, False)]
+    assert result["inference"] == [] and len(json.loads((tmp_path / "bench_cpu.json").read_text())["train"]) == 2
+    with pytest.raises(SystemExit, match="unknown variant 'bf16\\+fast'"):
+        bench_train_step.main([*args, "--variants", "bf16+fast", "--set", *TINY])
+
+
+def test_depthwise_conv_benchmark_writes_its_table(tmp_path):
+    import bench_dwconv
+    rows = bench_dwconv.main(["--device", "cpu", "--repeats", "1", "--batches", "2", "--shapes", "3", "--out", str(tmp_path)])
+    assert [(r["where"], r["dtype"], r["pass"]) for r in rows][:2] == [("MiT stage 4", "fp32", "forward"),
+                                                                     ("MiT stage 4", "fp32", "forward+backward")]
+    assert all(r[k] > 0 for r in rows for k in ("channels_last_ms", "nchw_ms", "nchw+cudnn_ms"))
+    md = (tmp_path / "dwconv_cpu.md").read_text()
+    assert "| MiT stage 4 | 2 | 2048 | 16 | bf16 | forward+backward |" in md and "--shapes 3" in md
+
+
+def test_sync_finder_says_it_needs_a_gpu(monkeypatch):
+    import find_syncs
+    monkeypatch.setattr(find_syncs.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        find_syncs.main([])
