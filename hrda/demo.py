@@ -15,7 +15,7 @@ from .core import CLASSES, repo_root, write_json, write_text
 
 # %% auto #0
 __all__ = ['METHODS', 'ATTENTION_ABLATIONS', 'FINE_CLASSES', 'Stages', 'run_template', 'notebook_html', 'demo_results',
-           'demo_attention', 'training_seconds', 'run_demo', 'demo_readme', 'demo_cli']
+           'demo_attention', 'training_seconds', 'run_demo', 'demo_command', 'demo_readme', 'demo_cli']
 
 # %% ../nbs/08b_demo.ipynb #c6a23e10
 METHODS: dict[str, str] = {  # method key -> name in the report; each has experiments/synth_<key>.yaml
@@ -112,7 +112,7 @@ def training_seconds(out_dir: str | Path, # the demo folder
     def wall(p: Path): return json.loads(p.read_text()).get("wall_time_s") if p.is_file() else None
     return {name: [wall(Path(out_dir, key, f"s{s}", "metrics.json")) for s in seeds] for key, name in METHODS.items()}
 
-# %% ../nbs/08b_demo.ipynb #0c4b116a
+# %% ../nbs/08b_demo.ipynb #a0afc6b5
 def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to the repository root)
              data_dir: str | Path = "data/synth", # synthetic benchmark root (written when missing)
              seeds: Sequence[int] = (0,), # training seeds of every method
@@ -155,7 +155,8 @@ def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to 
         run_template("figures", out / "figures.ipynb", runs=globs, out_dir=str(out))
         rows = demo_results(out, seeds)
         write_text(out / "README.md", demo_readme(rows, stages.times, seeds, out, demo_attention(out, seeds),
-                                                  training_seconds(out, seeds)))
+                                                  training_seconds(out, seeds), demo_command(out_dir, data_dir, seeds,
+                                                                                             methods, overrides)))
     if html:
         with stages("HTML rendering of the executed notebooks"):
             for nb in sorted(out.rglob("*.ipynb")):
@@ -163,8 +164,18 @@ def run_demo(out_dir: str | Path = "reports/demo", # report folder (relative to 
     print((out / "README.md").read_text())
     return rows
 
-# %% ../nbs/08b_demo.ipynb #5a361665
+# %% ../nbs/08b_demo.ipynb #738000a0
 FINE_CLASSES: tuple[str, ...] = ("pole", "traffic light", "traffic sign", "person", "rider", "bicycle")
+
+def demo_command(out_dir: str | Path, data_dir: str | Path, seeds: Sequence[int], methods: Sequence[str],
+                 overrides: dict | None) -> str | None:
+    "The `hrda demo` command line of these `run_demo` arguments; None where they are those of `make demo`."
+    if (str(out_dir), str(data_dir), list(methods), overrides or {}) == ("reports/demo", "data/synth", list(METHODS), {}):
+        return None
+    sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (overrides or {}).items()]
+    return " ".join(["hrda demo", "--out", str(out_dir), "--seeds", *map(str, seeds),
+                     *(["--data", str(data_dir)] if str(data_dir) != "data/synth" else []),
+                     *(["--methods", *methods] if list(methods) != list(METHODS) else []), *(["--set", *sets] if sets else [])])
 
 def demo_readme(rows: dict[str, dict], # from `demo_results`
                 times: dict[str, float], # stage -> seconds
@@ -172,6 +183,7 @@ def demo_readme(rows: dict[str, dict], # from `demo_results`
                 out: Path, # the demo folder
                 attention: dict[str, float] | None = None, # from `demo_attention`
                 train_seconds: dict[str, list] | None = None, # from `training_seconds`
+                command: str | None = None, # the command that rebuilds this report (None: `make demo`)
                ) -> str:
     "The markdown report of the demo."
     from hrda.analysis import results_table
@@ -203,6 +215,7 @@ def demo_readme(rows: dict[str, dict], # from `demo_results`
               "the attention maps `figures/attention_*.png`; executed notebooks in each run folder and as HTML in `html/`.",
               "", "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in times.items()],
               f"| total | {sum(times.values()):.0f} |", "",
+              f"Rebuilt by `{command}`." if command else
               f"Rebuilt by `make demo` (seeds {list(seeds)}); `SEEDS=\"0 1 2\" make demo` runs several seeds."]
     return "\n".join(lines) + "\n"
 
