@@ -79,6 +79,13 @@ def dwconv_on_contiguous(on: bool) -> None:
                                 .flatten(2).transpose(1, 2)) if on else backbones.DWConv._view_forward
 
 
+def start_variant(device: torch.device, cudnn_benchmark: bool, layout: str) -> None:
+    "Before a measurement: reset the peak-memory counter and set the variant's cuDNN autotuning and layout experiment."
+    reset_peak(device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    dwconv_on_contiguous(layout == "dwconv")
+
+
 def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: bool = False,
               checkpointing: bool = False) -> tuple:
     "(step(t), student): one `dacs_step` at iteration t on a fixed random batch, with fresh models and optimiser."
@@ -109,9 +116,7 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
                 count_flops: bool, profile: bool = False, checkpointing: bool = False, cudnn_benchmark: bool = False,
                 layout: str = "") -> dict:
     "Seconds per iteration, images per second, peak memory and FLOPs of `dacs_step` under `precision`."
-    reset_peak(device)
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    dwconv_on_contiguous(layout == "dwconv")
+    start_variant(device, cudnn_benchmark, layout)
     step, student = make_step(cfg, device, precision, compile, checkpointing)
     t0 = time.perf_counter()
     for t in range(warmup):
@@ -163,9 +168,7 @@ def profile_table(fn, device: torch.device, rows: int = 15) -> tuple[str, dict]:
 def bench_inference(cfg: TrainConfig, device: torch.device, precision: str, size: tuple[int, int], repeats: int,
                     compile: bool = False, cudnn_benchmark: bool = False, profile: bool = False, layout: str = "") -> dict:
     "Seconds per image of the full test-time inference (outer slide, HR slide, fusion) at `size`."
-    reset_peak(device)
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    dwconv_on_contiguous(layout == "dwconv")
+    start_variant(device, cudnn_benchmark, layout)
     amp = autocast_dtype(precision, device)
     torch.manual_seed(0)
     model = build_segmentor(segmentor_config(cfg)).to(device).eval()
@@ -213,8 +216,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, bool, bool, bool, bool]]:
-    """(precision, compile, checkpointing, cudnn benchmark, dwconv on NCHW) to measure: `--variants` as written, else
+def variants(args: argparse.Namespace) -> list[tuple[str, bool, bool, bool, str]]:
+    """(precision, compile, checkpointing, cudnn benchmark, layout experiment) to measure: `--variants` as written, else
     every combination of the flags."""
     if args.variants:
         out = []
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true", help="add the profiler's table of the top operators/kernels")
     p.add_argument("--variants", nargs="+", metavar="PRECISION[+compile][+ckpt][+cudnn][+nchw]",
                    help="measure exactly these, e.g. fp32 bf16 bf16+ckpt bf16+compile bf16+cudnn (instead of the flags "
-                        "above; cudnn: torch.backends.cudnn.benchmark, which picks convolution kernels by timing them)")
+                        "above; cudnn: torch.backends.cudnn.benchmark, which picks convolution kernels by timing them; nchw: "
+                        "the experiment of Mix-FFN's depthwise conv on a contiguous copy of its input)")
     p.add_argument("--no-inference", action="store_true", help="skip the test-time inference timing")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (default: the paper's)")
     p.add_argument("--out", default=str(ROOT / "reports" / "perf"), help="folder for bench_<device>.json/.md")
