@@ -25,9 +25,6 @@ $(STAMP): requirements.txt settings.ini setup.py
 	@echo "== $(VENV) is ready"
 
 demo: setup
-	mkdir -p reports/demo/environment
-	$(BIN)/papermill nbs/runs/environment.ipynb reports/demo/environment/environment.ipynb \
-		-p out_dir $(CURDIR)/reports/demo/environment -k python3 --no-progress-bar --log-level WARNING
 	$(BIN)/hrda demo $(if $(SEEDS),--seeds $(SEEDS))
 
 synth-data: setup

@@ -16,15 +16,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from .core import CLASSES, atomic_write, colorize, get_logger, write_json, write_text
+from .core import CLASSES, atomic_write, colorize, get_logger, resolve_path, write_json, write_text
 from .evaluation import metrics_table, read_image, read_label_png
 
 # %% auto #0
 __all__ = ['SUMMARY_KEYS', 'FINE_CLASSES', 'MAX_DPI', 'DPI', 'Run', 'read_jsonl', 'load_run', 'find_runs', 'final_metrics',
            'metric_value', 'group_runs', 'mean_metrics', 'fine_miou', 'results_table', 'seed_table',
-           'seed_table_markdown', 'save_figure', 'plot_per_class_iou', 'plot_training_curves', 'qualitative_grid',
-           'plot_qualitative', 'plot_attention', 'build_report']
+           'seed_table_markdown', 'save_figure', 'plot_per_class_iou', 'plot_training_curves', 'detail_window',
+           'detail_rich_images', 'zoom_figure', 'qualitative_grid', 'plot_qualitative', 'plot_attention',
+           'build_report']
 
 # %% ../nbs/08a_analysis.ipynb #2250a5a1
 @dataclass
@@ -256,69 +258,112 @@ def plot_training_curves(runs: Sequence[Run], # loaded runs (one line each)
     return _finish(fig, path, dpi)
 
 # %% ../nbs/08a_analysis.ipynb #55939045
-def _show(ax, arr: np.ndarray, title: str | None = None, max_side: int = 512, **kw):
-    step = max(1, max(arr.shape[:2]) // max_side)  # big images are subsampled for the small figure
+def _show(ax, arr: np.ndarray, title: str | None = None, max_side: int = 512, **kw) -> int:
+    "Show `arr` without axes (big images subsampled to `max_side`); the subsampling step."
+    step = max(1, max(arr.shape[:2]) // max_side)
     ax.imshow(arr[::step, ::step], interpolation="nearest", **kw)
     ax.set_axis_off()
-    if title: ax.set_title(title, fontsize=6)
+    if title: ax.set_title(title, fontsize=7)
+    return step
+
+def detail_window(label: np.ndarray, # (H, W) train ids (ground truth or a prediction)
+                  size: tuple[int, int] = (48, 96), # (h, w) of the window
+                  classes: Sequence[str] = FINE_CLASSES, # the classes it should hold
+                 ) -> tuple[int, int, int, int]:
+    "The (y0, y1, x0, x1) window of `size` that holds the most pixels of `classes`."
+    H, W = label.shape
+    h, w = min(size[0], H), min(size[1], W)
+    hits = np.isin(label, [CLASSES.index(c) for c in classes]).astype(np.int64)
+    sums = np.pad(hits.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # integral image
+    counts = sums[h:, w:] - sums[:-h, w:] - sums[h:, :-w] + sums[:-h, :-w]  # (H - h + 1, W - w + 1)
+    y, x = np.unravel_index(int(np.argmax(counts)), counts.shape)
+    return int(y), int(y + h), int(x), int(x + w)
+
+def detail_rich_images(index: dict[str, dict], # name -> {'image': path, 'label': path} (eval/predictions/index.json)
+                       k: int = 2, # how many
+                       classes: Sequence[str] = FINE_CLASSES, # the classes counted
+                      ) -> list[str]:
+    "The `k` images whose ground truth holds the most pixels of `classes` (ties broken by name)."
+    ids = [CLASSES.index(c) for c in classes]
+    count = lambda n: int(np.isin(read_label_png(resolve_path(index[n]["label"])), ids).sum())
+    return sorted(index, key=lambda n: (-count(n), n))[:k]
+
+def zoom_figure(images: Sequence[Sequence[tuple[str, np.ndarray, dict]]], # per image: its panels (title, array, imshow options)
+                boxes: Sequence[tuple[int, int, int, int] | None], # per image: the window zoomed into (None: no zoom row)
+                panel_width: float = 3.2, # inches per panel
+               ) -> Figure:
+    "Per image, a row of panels with the window outlined, then the same panels zoomed to the window."
+    H, W = images[0][0][1].shape[:2]
+    heights = [r for box in boxes for r in ([H / W] + ([(box[1] - box[0]) / (box[3] - box[2])] if box else []))]
+    fig = Figure(figsize=(panel_width * len(images[0]), panel_width * sum(heights) + 0.25), layout="constrained")
+    axes = fig.subplots(len(heights), len(images[0]), squeeze=False, gridspec_kw={"height_ratios": heights})
+    row = 0
+    for i, (panels, box) in enumerate(zip(images, boxes)):
+        for j, (title, arr, kw) in enumerate(panels):
+            step = _show(axes[row, j], arr, title if i == 0 else None, **kw)
+            if box is None: continue
+            y0, y1, x0, x1 = (v / step for v in box)
+            axes[row, j].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.0))
+            _show(axes[row + 1, j], arr[box[0]:box[1], box[2]:box[3]], None, **kw)
+        row += 1 + (box is not None)
+    return fig
 
 def qualitative_grid(index: dict[str, dict], # name -> {'image': path, 'label': path} (eval/predictions/index.json)
                      predictions: dict[str, str | Path], # column title -> folder of <name>.png train-id predictions
-                     names: Sequence[str], # the images shown (rows)
+                     names: Sequence[str], # the images shown
                      path: str | Path | None = None, # also write the PNG here
                      dpi: int = DPI, # resolution of the PNG
+                     zoom: tuple[int, int] | None = (48, 96), # (h, w) of the zoomed window of thin structures (None: no zoom)
                     ) -> Figure:
-    "Rows of image | ground truth | one prediction per column of `predictions`."
+    "Per image: image | ground truth | one prediction per column, then the same zoomed where thin classes crowd."
     if not names: raise ValueError("qualitative_grid needs at least one image name")
-    first = read_image(index[names[0]]["image"])
-    aspect, cols = first.shape[0] / first.shape[1], 2 + len(predictions)
-    fig = Figure(figsize=(1.6 * cols, 1.6 * aspect * len(names) + 0.3), layout="constrained")
-    axes = fig.subplots(len(names), cols, squeeze=False)
-    for i, name in enumerate(names):
-        entry = index[name]
-        panels = [("image", read_image(entry["image"])), ("ground truth", colorize(read_label_png(entry["label"])))]
-        panels += [(title, colorize(read_label_png(Path(folder) / f"{name}.png"))) for title, folder in predictions.items()]
-        for j, (title, arr) in enumerate(panels): _show(axes[i, j], arr, title if i == 0 else None)
-    return _finish(fig, path, dpi)
+    images, boxes = [], []
+    for name in names:
+        gt = read_label_png(resolve_path(index[name]["label"]))
+        panels = [("image", read_image(resolve_path(index[name]["image"])), {}), ("ground truth", colorize(gt), {})]
+        panels += [(title, colorize(read_label_png(Path(folder) / f"{name}.png")), {}) for title, folder in predictions.items()]
+        images.append(panels)
+        boxes.append(detail_window(gt, zoom) if zoom else None)
+    return _finish(zoom_figure(images, boxes), path, dpi)
 
 def plot_qualitative(runs: Sequence[Run], # the runs compared (one column each)
-                     names: Sequence[str] | None = None, # image names (default: the first `max_images` all runs predicted)
-                     max_images: int = 3, # rows
+                     names: Sequence[str] | None = None, # image names (default: the `max_images` richest in thin classes)
+                     max_images: int = 2, # images shown
                      path: str | Path | None = None, # also write the PNG here
                      dpi: int = DPI, # resolution of the PNG
                     ) -> Figure:
-    "Rows of image | ground truth | one prediction per run, from the runs' eval/predictions folders."
+    "Image | ground truth | one prediction per run, with zoomed thin structures, from the runs' eval/predictions folders."
     runs = [r for r in runs if (r.path / "eval/predictions/index.json").is_file()]
     if not runs:
         raise FileNotFoundError("no run holds eval/predictions/index.json: evaluate with "
                                 "`hrda evaluate --checkpoint <run>/checkpoints/latest.pth --save-predictions`")
     indexes = [_read_json(r.path / "eval/predictions/index.json") for r in runs]
-    names = list(names) if names is not None else sorted(set.intersection(*(set(i) for i in indexes)))[:max_images]
-    if not names: raise ValueError(f"the runs {[r.name for r in runs]} predicted no image in common")
+    common = set.intersection(*(set(i) for i in indexes))
+    if not common: raise ValueError(f"the runs {[r.name for r in runs]} predicted no image in common")
+    names = list(names) if names is not None else detail_rich_images({n: indexes[0][n] for n in common}, max_images)
     return qualitative_grid(indexes[0], {r.name: r.path / "eval/predictions/labels" for r in runs}, names, path, dpi)
 
 def plot_attention(pred_dir: str | Path, # a folder written by `hrda predict --show-scales`
                    names: Sequence[str] | None = None, # image names (default: the first `max_images`)
-                   max_images: int = 2, # rows
+                   max_images: int = 2, # images shown
                    path: str | Path | None = None, # also write the PNG here
                    dpi: int = DPI, # resolution of the PNG
+                   zoom: tuple[int, int] | None = (48, 96), # (h, w) of the zoomed window (None: no zoom)
                   ) -> Figure:
-    "Rows of image | LR | HR | attention | fused from saved `predict_scales` outputs (attention: 0 = LR, 1 = HR)."
+    "Image | LR | HR | attention | fused from saved `predict_scales` outputs (attention: 0 = LR, 1 = HR), zoomed on thin classes."
     pred_dir = Path(pred_dir)
     items = [it for it in _read_json(pred_dir / "predictions.json").get("items", []) if "attention_gray" in it["files"]]
     if not items: raise FileNotFoundError(f"{pred_dir}/predictions.json lists no attention maps: predict with --show-scales")
     items = [it for it in items if names is None or it["name"] in names][:max_images]
-    h, w = items[0]["size"]
-    fig = Figure(figsize=(8.0, 1.6 * h / w * len(items) + 0.4), layout="constrained")
-    axes = fig.subplots(len(items), 5, squeeze=False)
-    for i, it in enumerate(items):
+    images, boxes = [], []
+    for it in items:
         f = {k: pred_dir / v for k, v in it["files"].items()}
         att = read_label_png(f["attention_gray"]) / 255.0
-        panels = [("image", read_image(it["input"]), {}), ("LR (context)", read_image(f["lr"]), {}),
-                  ("HR (detail)", read_image(f["hr"]), {}),
-                  ("attention", att, dict(cmap="inferno", vmin=0, vmax=1)), ("fused", read_image(f["fused"]), {})]
-        for j, (title, arr, kw) in enumerate(panels): _show(axes[i, j], arr, title if i == 0 else None, **kw)
-    return _finish(fig, path, dpi)
+        images.append([("image", read_image(resolve_path(it["input"])), {}), ("LR (context)", read_image(f["lr"]), {}),
+                       ("HR (detail)", read_image(f["hr"]), {}),
+                       ("attention (bright: HR)", att, dict(cmap="inferno", vmin=0, vmax=1)), ("fused", read_image(f["fused"]), {})])
+        boxes.append(detail_window(read_label_png(f["label"]), zoom) if zoom and "label" in f else None)
+    return _finish(zoom_figure(images, boxes), path, dpi)
 
 # %% ../nbs/08a_analysis.ipynb #e1ffff53
 def build_report(runs: str | Sequence[str] | Sequence[Run], # loaded runs, or glob patterns of run folders
@@ -337,9 +382,10 @@ def build_report(runs: str | Sequence[str] | Sequence[Run], # loaded runs, or gl
     files["seeds_csv"] = write_text(out / "tables/seeds.csv", seeds.to_csv(index=False))
     files["per_class_iou"] = save_figure(plot_per_class_iou(runs, source=source), out / "figures/per_class_iou.png", dpi)
     files["training_curves"] = save_figure(plot_training_curves(runs), out / "figures/training_curves.png", dpi)
-    if any((r.path / "eval/predictions/index.json").is_file() for r in runs):
-        files["qualitative"] = save_figure(plot_qualitative(runs), out / "figures/qualitative.png", dpi)
-    for r in runs:
+    first = [group[0] for group in group_runs(runs).values()]  # the figures show one seed per method
+    if any((r.path / "eval/predictions/index.json").is_file() for r in first):
+        files["qualitative"] = save_figure(plot_qualitative(first), out / "figures/qualitative.png", dpi)
+    for r in first:
         for summary in sorted(r.path.glob("**/predictions.json")):
             items = _read_json(summary).get("items", [])
             if any("attention_gray" in it.get("files", {}) for it in items):  # single-scale models have no attention

@@ -29,8 +29,8 @@ import yaml
 __all__ = ['Precision', 'PRECISIONS', 'IGNORE_INDEX', 'CLASSES', 'PALETTE', 'CLASS_SUBSETS', 'THING_CLASSES', 'derive_seed',
            'make_generator', 'seed_everything', 'generator_state', 'restore_generator', 'get_device', 'autocast_dtype',
            'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'read_yaml', 'parse_overrides', 'load_config',
-           'config_to_dict', 'atomic_write', 'write_text', 'write_json', 'write_yaml', 'save_torch', 'get_logger',
-           'repo_root']
+           'config_to_dict', 'repo_root', 'portable_path', 'resolve_path', 'portable_record', 'atomic_write',
+           'write_text', 'write_json', 'write_yaml', 'save_torch', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #7d9089f2
 def derive_seed(seed: int, # the run seed
@@ -266,6 +266,56 @@ def config_to_dict(config) -> dict[str, Any]:
         return v
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
+# %% ../nbs/00_core.ipynb #219dfd1d
+def repo_root(start: str | Path | None = None, # where to start looking (default: the current folder)
+             ) -> Path:
+    "The repository root: the nearest folder above `start` that holds `settings.ini` and `nbs/`."
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "settings.ini").exists() and (folder / "nbs").is_dir(): return folder
+    raise FileNotFoundError(f"no hrda repository (settings.ini and nbs/) above {here}; run from inside a clone")
+
+def _default_root() -> Path | None:
+    "The repository of the current folder, else the one this package is installed from (None: neither)."
+    import hrda
+    for start in (Path.cwd(), Path(hrda.__file__).parent):
+        try: return repo_root(start)
+        except FileNotFoundError: pass
+    return None
+
+def portable_path(path: str | Path, # a path as the program holds it
+                  base: str | Path | None = None, # the folder records are relative to (default: the repository root)
+                 ) -> str:
+    "`path` as a record stores it: relative to `base` when it lies inside, else unchanged (POSIX separators)."
+    p = Path(path)
+    base = Path(base) if base is not None else _default_root()
+    if not p.is_absolute() or base is None: return p.as_posix()
+    for a, b in ((p, base), (p.resolve(), base.resolve())):
+        try: return a.relative_to(b).as_posix() or "."
+        except ValueError: pass
+    return p.as_posix()
+
+def resolve_path(path: str | Path, # a recorded path
+                 base: str | Path | None = None, # the folder relative paths start from (default: the repository root)
+                ) -> Path:
+    "A recorded path made usable: absolute paths as they are, relative ones taken from `base`."
+    p = Path(path).expanduser()
+    if p.is_absolute(): return p
+    base = Path(base) if base is not None else _default_root()
+    return p if base is None else base / p
+
+def portable_record(obj: Any, # dicts, lists and scalars, as written to JSON or YAML
+                    base: str | Path | None = None, # see `portable_path`
+                   ) -> Any:
+    "`obj` with every string that is an absolute path inside `base` made relative to it."
+    base = Path(base) if base is not None else _default_root()
+    if base is None: return obj
+    if isinstance(obj, dict): return {k: portable_record(v, base) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [portable_record(v, base) for v in obj]
+    if isinstance(obj, Path): obj = str(obj)
+    if isinstance(obj, str) and os.path.isabs(obj) and "\n" not in obj: return portable_path(obj, base)
+    return obj
+
 # %% ../nbs/00_core.ipynb #bac7246c
 def _umask() -> int:
     mask = os.umask(0)
@@ -297,12 +347,12 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
-    "Write `obj` as JSON to `path` atomically."
-    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+    "Write `obj` as JSON to `path` atomically, paths inside the repository relative to its root (`portable_record`)."
+    return write_text(path, json.dumps(portable_record(obj), indent=indent) + "\n")
 
 def write_yaml(path: str | Path, obj: Any) -> Path:
-    "Write `obj` as YAML to `path` atomically, keys in their given order."
-    return write_text(path, yaml.safe_dump(obj, sort_keys=False))
+    "Write `obj` as YAML to `path` atomically, keys in their given order, paths as in `write_json`."
+    return write_text(path, yaml.safe_dump(portable_record(obj), sort_keys=False))
 
 def save_torch(obj: Any, path: str | Path) -> Path:
     "`torch.save` to `path` atomically."
@@ -330,10 +380,3 @@ def get_logger(name: str = "hrda", # logger name
     logger.propagate = False
     return logger
 
-def repo_root(start: str | Path | None = None, # where to start looking (default: the current folder)
-             ) -> Path:
-    "The repository root: the nearest folder above `start` that holds `settings.ini` and `nbs/`."
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "settings.ini").exists() and (folder / "nbs").is_dir(): return folder
-    raise FileNotFoundError(f"no hrda repository (settings.ini and nbs/) above {here}; run from inside a clone")

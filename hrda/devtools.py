@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import filecmp
 import html
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import nbformat
 import yaml
@@ -22,8 +24,9 @@ import yaml
 from .core import repo_root, write_text
 
 # %% auto #0
-__all__ = ['FIX_EXPORT', 'FIX_CLEAN', 'FIX_README', 'README_HEADER', 'SIDEBAR_CSS', 'list_notebooks', 'exported_module',
-           'sync_problems', 'readme_text', 'write_readme', 'page_name', 'build_docs']
+__all__ = ['FIX_EXPORT', 'FIX_CLEAN', 'FIX_README', 'README_HEADER', 'MACHINE_PATH', 'WARNING_TEXT', 'SIDEBAR_CSS',
+           'list_notebooks', 'exported_module', 'sync_problems', 'readme_text', 'write_readme', 'tracked_files',
+           'portability_problems', 'page_name', 'build_docs']
 
 # %% ../nbs/99_devtools.ipynb #54327a53
 def list_notebooks(root: str | Path | None = None, # repository root (default: found from the current folder)
@@ -103,6 +106,61 @@ def readme_text(root: str | Path | None = None) -> str:
 def write_readme(root: str | Path | None = None) -> Path:
     "Write README.md from `nbs/index.ipynb`."
     return write_text(repo_root(root) / "README.md", readme_text(root))
+
+# %% ../nbs/99_devtools.ipynb #b9434174
+MACHINE_PATH = re.compile(r"(?<![\w.~$-])(?:/(?:home|root|tmp|Users|work|mnt|media|scratch|private/var|var/folders)/"
+                          r"|[A-Za-z]:[\\/]+(?:Users|home)[\\/])")  # folders that exist on one machine only
+WARNING_TEXT = re.compile(r"Traceback \(most recent call last\)|\b\w*Warning\b:|warnings\.warn")
+
+def tracked_files(root: str | Path, # repository root
+                  *folders: str, # limit to these folders (relative to root)
+                 ) -> list[Path]:
+    "The files git tracks under `folders` (all of them without git: a copy of a clone)."
+    root = Path(root)
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", *folders], cwd=root, capture_output=True, text=True, check=True).stdout
+        return [root / f for f in out.split("\0") if f and (root / f).is_file()]
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        return sorted(p for f in folders for p in (root / f).rglob("*") if p.is_file() and ".git" not in p.parts)
+
+def _output_texts(nb: dict) -> Iterator[tuple[int, str, str]]:
+    "(cell number, output kind, text) of every output of a notebook."
+    for i, cell in enumerate(nb.get("cells", [])):
+        for out in cell.get("outputs", []):
+            kind = out.get("output_type", "")
+            if kind == "error": yield i, "error", "\n".join(out.get("traceback", [])) or out.get("ename", "error")
+            elif kind == "stream": yield i, out.get("name", "stream"), "".join(out.get("text", ""))
+            else:
+                for mime, v in out.get("data", {}).items():
+                    if mime.startswith("text") or mime.endswith("json"): yield i, mime, v if isinstance(v, str) else "".join(map(str, v))
+
+def portability_problems(root: str | Path | None = None, # repository root (default: found from the current folder)
+                         files: Sequence[str | Path] | None = None, # the files to check (default: the tracked ones)
+                        ) -> list[str]:
+    "Absolute machine paths in reports/experiments and notebook outputs, and outputs that show a traceback or warning."
+    root = Path(root) if root is not None else repo_root()
+    if files is None:
+        files = tracked_files(root, "reports", "experiments") + [p for p in tracked_files(root) if p.suffix == ".ipynb"]
+    own = re.compile(re.escape(str(root.resolve())) + "|" + re.escape(str(root)))
+    problems = []
+    for path in dict.fromkeys(Path(f) for f in files):
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        try: text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError): continue  # images and other binaries
+        if path.suffix == ".ipynb":
+            nb = json.loads(text)
+            texts = list(_output_texts(nb))
+            for i, kind, t in texts:
+                if kind == "error" or WARNING_TEXT.search(t):
+                    line = next(l for l in t.splitlines() if WARNING_TEXT.search(l) or kind == "error")
+                    problems.append(f"{rel}: output of cell {i} shows a {'traceback' if kind == 'error' or 'Traceback' in t else 'warning'}: {line.strip()[:120]}")
+            if not path.is_relative_to(root / "reports"): text = "\n".join(t for _, _, t in texts)  # nbs/: outputs only
+        for n, line in enumerate(text.splitlines(), 1):
+            if m := (own.search(line) or MACHINE_PATH.search(line)):
+                problems.append(f"{rel}:{n}: absolute path {line[m.start():m.start() + 60].split()[0]!r}; record it "
+                                "relative to the repository root (hrda.core.portable_path)")
+                break  # one line per file is enough to act on
+    return problems
 
 # %% ../nbs/99_devtools.ipynb #bdf21fba
 def page_name(notebook: Path, # a notebook, relative to nbs/

@@ -21,16 +21,17 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .core import (CLASSES, IGNORE_INDEX, atomic_write, config_to_dict, get_device, get_logger, load_config,
                        parse_overrides, write_json, write_text)
 from .datasets import ValDataset, normalize, rescale_size
-from .evaluation import (ImageReadError, evaluate, logits_to_label, metrics_table, read_image, save_color_png,
+from .evaluation import (ConfusionMeter, ImageReadError, evaluate, logits_to_label, metrics_table, read_image,
+                             save_color_png,
                              save_label_png, save_metrics, save_overlay, summary_line)
 from .released import ReleasedCheckpointError, load_released_checkpoint, save_mmseg_checkpoint
 from .segmentor import Segmentor, build_segmentor, resize
-from .train import TrainConfig, provenance, segmentor_config
+from .train import TrainConfig, provenance, resolve_paths, segmentor_config
 
 # %% auto #0
 __all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'load_model', 'input_size', 'prepare_image', 'predict_image', 'list_images',
            'attention_heatmap', 'write_prediction', 'predict_folder', 'default_eval_dir', 'per_class_markdown',
-           'evaluate_checkpoint', 'attention_by_class']
+           'BranchScorer', 'evaluate_checkpoint', 'attention_by_class']
 
 # %% ../nbs/08_predict.ipynb #ae61dede
 class LoadedModel(NamedTuple):
@@ -44,7 +45,8 @@ def _train_config(stored: dict, overrides: Sequence[str] | dict | None, source: 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(stored) - known)
     if unknown: get_logger("hrda.predict").warning(f"{source}: config keys {unknown} are unknown to this hrda; ignored")
-    return load_config(TrainConfig, None, {**{k: v for k, v in stored.items() if k in known}, **parse_overrides(overrides)})
+    cfg = load_config(TrainConfig, None, {**{k: v for k, v in stored.items() if k in known}, **parse_overrides(overrides)})
+    return resolve_paths(cfg)  # recorded relative to the repository root
 
 def _fresh_model(cfg: TrainConfig) -> Segmentor:
     "The segmentor of `cfg` without ImageNet weights (the checkpoint replaces every weight)."
@@ -235,6 +237,42 @@ def per_class_markdown(metrics: dict, # from `evaluate_checkpoint` (or `segmenta
     return "\n".join([f"# {title}", "", summary_line(metrics), "", "| class | IoU | Acc |", "|---|---:|---:|", *rows, "",
                       "As a results-table row:", "", metrics_table({title: metrics})])
 
+# %% ../nbs/08_predict.ipynb #cd324b94
+class BranchScorer:
+    "HRDA's LR branch (attention 0), HR branch (attention 1) and attention at the true class, from one `predict_scales` pass."
+    def __init__(self, num_classes: int): # K
+        self.num_classes, self.maps = num_classes, None
+        self.meters = {k: ConfusionMeter(num_classes) for k in ("lr", "hr")}
+        self.sums, self.counts = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
+
+    def keep(self, maps: dict[str, torch.Tensor], # from `Segmentor.predict_scales` of one image
+            ) -> torch.Tensor:
+        "Hold one image's maps until its labels arrive; its fused logits."
+        self.maps = maps
+        return maps["fused"].float()
+
+    def update(self, gt: torch.Tensor, # (H0, W0) train ids of the held image
+              ) -> None:
+        "Score the held maps against `gt`."
+        gt, K = torch.as_tensor(gt).long().cpu(), self.num_classes
+        if gt.ndim == 3: gt = gt[0]
+        for k, meter in self.meters.items(): meter.update(logits_to_label(self.maps[k].float(), gt.shape)[0].cpu(), gt)
+        att = resize(self.maps["attention"].float(), gt.shape)[0].expand(K, *gt.shape).cpu()  # one channel per class
+        valid = gt != IGNORE_INDEX
+        at_true = att.gather(0, gt.clamp(max=K - 1)[None])[0][valid].double()
+        self.sums.index_add_(0, gt[valid], at_true)
+        self.counts.index_add_(0, gt[valid], torch.ones_like(at_true))
+
+    def attention(self) -> dict[str, float]:
+        "Mean attention (0 = LR, 1 = HR) at the ground-truth class, per class seen."
+        return {CLASSES[c]: round(float(self.sums[c] / self.counts[c]), 4) for c in range(self.num_classes) if self.counts[c] > 0}
+
+    def compute(self, class_ids: Sequence[int] | None = None, # train ids averaged into mIoU
+               ) -> dict[str, Any]:
+        "{'branches': {'lr': metrics, 'hr': metrics}, 'attention_by_class': {...}}."
+        return {"branches": {k: m.compute(class_ids=class_ids) for k, m in self.meters.items()},
+                "attention_by_class": self.attention()}
+
 # %% ../nbs/08_predict.ipynb #89e9e77c
 def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint path (see `load_model`) or a loaded model
                         data_root: str | Path | None = None, # prepared dataset root; None: the run's target_root
@@ -251,6 +289,7 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
                         num_workers: int = 0, # data-loading processes
                         overrides: Sequence[str] | dict | None = None, # config changes (see `load_model`)
                         progress: bool = True, # a progress bar
+                        branches: bool = False, # HRDA: in the same pass, also score its LR and HR branches and its attention by class
                        ) -> dict[str, Any]:
     "mIoU and per-class IoU of a checkpoint on a validation set, written to `out_dir`/metrics.json and per_class.md."
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, config, teacher, device, overrides)
@@ -265,14 +304,22 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
         save_label_png(label, out / "predictions" / "labels" / f"{name}.png")
         save_color_png(label, out / "predictions" / "color" / f"{name}.png")
         index[name] = {"image": item["img_path"], "label": labels_of[item["img_path"]]}
+    branches = branches and model.cfg.single_scale is None
+    scorer = BranchScorer(cfg.num_classes) if branches else None
+    def predict(x: torch.Tensor) -> torch.Tensor:  # fused logits; with `branches`, every map of the same pass is kept
+        if scorer is None: return model.inference(x, mode).float()
+        return scorer.keep(model.predict_scales(x, mode))
+    def on_prediction(name: str, label: torch.Tensor, item: dict):
+        if scorer is not None: scorer.update(torch.as_tensor(item["gt"]))
+        if save_predictions: write(name, label, item)
     t0 = time.time()
-    metrics = evaluate(lambda x: model.inference(x, mode).float(), data, cfg.num_classes, _device_of(model),
-                       progress=progress, class_ids=getattr(cfg, "eval_classes", None),
-                       on_prediction=write if save_predictions else None, num_workers=num_workers)
+    metrics = evaluate(predict, data, cfg.num_classes, _device_of(model), progress=progress,
+                       class_ids=getattr(cfg, "eval_classes", None), on_prediction=on_prediction, num_workers=num_workers)
     if save_predictions: write_json(out / "predictions" / "index.json", index)
     result = {"checkpoint": loaded.info, "experiment": cfg.experiment, "run": cfg.run or f"s{cfg.seed}",
               "data_root": str(data_root), "dataset": dataset, "split": split, "scale": scale,
               "mode": mode or model.cfg.test_mode, "wall_time_s": round(time.time() - t0, 1), **metrics,
+              **(scorer.compute(getattr(cfg, "eval_classes", None)) if scorer is not None else {}),
               "config": config_to_dict(cfg), "provenance": provenance()}
     save_metrics(out / "metrics.json", result)
     write_text(out / "per_class.md", per_class_markdown(result, f"{cfg.experiment}/{result['run']} ({loaded.info['which']})"))
@@ -295,16 +342,10 @@ def attention_by_class(checkpoint: str | Path | LoadedModel, # an HRDA checkpoin
         raise ValueError(f"{loaded.info['path']} is a single-scale model (single_scale={cfg.single_scale}): it has no "
                          "scale attention; pass an HRDA checkpoint")
     val = ValDataset(data_root or cfg.target_root, dataset or cfg.target, split or cfg.val_split, scale=cfg.target_scale)
-    n, K, dev = min(max_images, len(val)) if max_images else len(val), cfg.num_classes, _device_of(model)
-    sums, counts = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    n, dev, scorer = min(max_images, len(val)) if max_images else len(val), _device_of(model), BranchScorer(cfg.num_classes)
     with torch.no_grad():
         for i in tqdm(range(n), desc="attention", disable=not progress):
             item = val[i]
-            gt = torch.as_tensor(item["gt"]).long()
-            att = model.predict_scales(torch.as_tensor(item["img"]).to(dev)[None])["attention"].float()
-            att = resize(att, gt.shape[-2:])[0].expand(K, *gt.shape[-2:]).cpu()  # (K, H0, W0), one channel per class
-            valid = gt != IGNORE_INDEX
-            at_true = att.gather(0, gt.clamp(max=K - 1)[None])[0][valid].double()
-            sums.index_add_(0, gt[valid], at_true)
-            counts.index_add_(0, gt[valid], torch.ones_like(at_true))
-    return {CLASSES[c]: round(float(sums[c] / counts[c]), 4) for c in range(K) if counts[c] > 0}
+            scorer.keep(model.predict_scales(torch.as_tensor(item["img"]).to(dev)[None]))
+            scorer.update(torch.as_tensor(item["gt"]))
+    return scorer.attention()

@@ -147,6 +147,8 @@ class Segmentor(nn.Module):
         if cfg.single_scale is None and attention_head is None:
             raise ValueError("an HRDA segmentor needs an attention head; set single_scale for the DAFormer baseline")
         self.output_stride = int(getattr(decode_head, "output_stride", 4))
+        # BatchNorm normalises a batch with its own statistics: the two crops then share theirs, so they stay apart
+        self.per_sample_norm = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
 
     @property
     def lr_scale(self) -> float: return self.cfg.scales[0]
@@ -203,14 +205,20 @@ def _forward_train(self: Segmentor,
         if return_features: out["features"] = feats
         if return_maps: out["maps"] = {"fused": logits.detach()}
         return out
-    lr_feats = self.backbone(resize(img, scale=self.lr_scale))
-    hr_img = resize(img, scale=self.hr_scale)
+    lr_in, hr_img = resize(img, scale=self.lr_scale), resize(img, scale=self.hr_scale)
     if cfg.hr_crop_size is not None:
         box = sample_crop_box(hr_img.shape[-2:], cfg.hr_crop_size, cfg.crop_coord_divisible, generator)
     else: box = (0, hr_img.shape[-2], 0, hr_img.shape[-1])
     hr_in = crop(hr_img, box)
-    hr_feats = self.backbone(blur_downup(hr_in) if cfg.blur_hr_crop else hr_in)
-    lr_logits, hr_logits = self.decode_head(lr_feats), self.decode_head(hr_feats)  # (B, K, h, w) each
+    if cfg.blur_hr_crop: hr_in = blur_downup(hr_in)
+    if lr_in.shape == hr_in.shape and self.per_sample_norm:  # one pass for both crops: exact without BatchNorm
+        B = img.shape[0]
+        both = self.backbone(torch.cat([lr_in, hr_in]))
+        lr_feats, hr_feats = [f[:B] for f in both], [f[B:] for f in both]
+        lr_logits, hr_logits = self.decode_head(both).split(B)  # (B, K, h, w) each
+    else:
+        lr_feats, hr_feats = self.backbone(lr_in), self.backbone(hr_in)
+        lr_logits, hr_logits = self.decode_head(lr_feats), self.decode_head(hr_feats)
     att = self._attention(lr_feats, lr_logits)
     os_, s = self.output_stride, self.scale_ratio
     if cfg.hr_crop_size is not None:  # LR-map box truncated like the original (exact for os 4, divisible 8)

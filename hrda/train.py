@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from .backbones import load_shape_checked
 from .checkpoint import check_compatible, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .core import (ConfigError, Precision, autocast_dtype, config_to_dict, get_logger, load_config, make_generator,
-                       repo_root, seed_everything, write_json, write_text, write_yaml)
+                       portable_record, repo_root, resolve_path, seed_everything, write_json, write_text, write_yaml)
 from .dacs import DACSConfig, dacs_step
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
@@ -35,7 +36,7 @@ from .segmentor import SegmentorConfig, build_segmentor
 # %% auto #0
 __all__ = ['RESUME_KEYS', 'TrainConfig', 'segmentor_config', 'resolve_paths', 'dacs_config', 'IterationSampler',
            'collate_tensors', 'SyncCrop', 'build_datasets', 'run_dir', 'NonFiniteLossError', 'read_log', 'RunLog',
-           'check_finite', 'provenance', 'train', 'train_cli']
+           'check_finite', 'provenance', 'init_from_run_', 'train', 'train_cli']
 
 # %% ../nbs/06a_train.ipynb #f80b53a0
 @dataclass
@@ -72,6 +73,7 @@ class TrainConfig:
     backbone: str = "mit_b5"  # hrda.backbones name
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. {drop_path_rate: 0.1} or {widths: [32, 64, 96, 128]}
     pretrained: str | None = None  # ImageNet weights of the backbone (local file); also enables the FD model
+    init_from: str | None = None  # a training checkpoint (or run folder) whose student starts this run; an HRDA attention head it lacks keeps its init
     head: str = "daformer"  # decode head
     head_kwargs: dict = field(default_factory=dict)
     attention_head: str = "attention"  # scale-attention head
@@ -138,12 +140,13 @@ def segmentor_config(cfg: TrainConfig) -> SegmentorConfig:
         test_crop_size=cfg.test_crop_size, test_stride=cfg.test_stride)
 
 def resolve_paths(cfg: TrainConfig, # a config whose paths may be relative
-                  base: str | Path, # the folder they are relative to (the repository root for experiments/*.yaml)
+                  base: str | Path | None = None, # the folder they are relative to (default: the repository root)
                  ) -> TrainConfig:
     "`cfg` with relative data, weights and run-folder paths made absolute under `base`."
-    fix = lambda p: p if not p or Path(p).is_absolute() else str(Path(base) / p)
+    fix = lambda p: str(resolve_path(p, base)) if p else p
     return dataclasses.replace(cfg, source_root=fix(cfg.source_root), target_root=fix(cfg.target_root),
-                               pretrained=fix(cfg.pretrained) or None, out_dir=fix(cfg.out_dir))
+                               pretrained=fix(cfg.pretrained) or None, init_from=fix(cfg.init_from) or None,
+                               out_dir=fix(cfg.out_dir))
 
 def dacs_config(cfg: TrainConfig) -> DACSConfig:
     "The self-training part of `cfg`."
@@ -275,11 +278,26 @@ def _state(student, teacher, optimizer, scaler, generator) -> dict[str, Any]:
 
 def _save(out: Path, t: int, cfg: TrainConfig, **state) -> Path:
     ckpt_dir = out / "checkpoints"
-    latest = save_checkpoint(ckpt_dir / "latest.pth", t, config_to_dict(cfg), **state)
+    config = portable_record(config_to_dict(cfg))  # the run stays valid in a moved or new clone
+    latest = save_checkpoint(ckpt_dir / "latest.pth", t, config, **state)
     if cfg.keep_checkpoints > 0:
-        save_checkpoint(ckpt_dir / f"iter_{t:06d}.pth", t, config_to_dict(cfg), **state)
+        save_checkpoint(ckpt_dir / f"iter_{t:06d}.pth", t, config, **state)
         for old in sorted(ckpt_dir.glob("iter_*.pth"))[:-cfg.keep_checkpoints]: old.unlink()
     return latest
+
+def init_from_run_(model: nn.Module, # a freshly built segmentor, changed in place
+                   path: str | Path, # a training checkpoint, or a run folder holding checkpoints/latest.pth
+                  ) -> list[str]:
+    "Start `model` from another run's student weights; the keys left at their init (a scale-attention head only)."
+    path = resolve_path(path)
+    if path.is_dir(): path = path / "checkpoints" / "latest.pth"
+    weights = load_checkpoint(path)["student"]
+    _, missing, unexpected = load_shape_checked(model, weights, f"init_from {path} does not fit this model",
+                                                "initialise from a run with the same backbone and heads", ConfigError)
+    other = [k for k in missing if not k.startswith("attention_head.")] + unexpected
+    if other: raise ConfigError(f"init_from {path} differs from this model in {len(other)} weights (e.g. {other[:3]}); "
+                                "initialise from a run with the same backbone and heads")
+    return missing
 
 def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device) -> dict | None:
     "The checkpoint to continue from (checked against `cfg`), or None to start over."
@@ -305,6 +323,7 @@ def train(cfg: TrainConfig, # the run
           stop_after: int | None = None, # stop (with a checkpoint) once this many iterations are done; resume later
          ) -> dict[str, Any]:
     "Train `cfg` to `cfg.iters`, evaluating and checkpointing on the way; returns the metrics written to metrics.json."
+    cfg = resolve_paths(cfg)  # relative data, weights and run paths start at the repository root
     device = resolve_device(cfg.device)
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rank, world = init_distributed(device)
@@ -313,6 +332,9 @@ def train(cfg: TrainConfig, # the run
     log = get_logger("hrda.train", out / "train.log" if main else None)
     seed_everything(cfg.seed, deterministic=device.type == "cpu")
     student = build_segmentor(segmentor_config(cfg)).to(device)
+    if ckpt is None and cfg.init_from:
+        fresh = init_from_run_(student, cfg.init_from)
+        if main: log.info(f"initialised from {cfg.init_from}" + (f"; {len(fresh)} attention-head tensors start fresh" if fresh else ""))
     teacher = copy.deepcopy(student).requires_grad_(False) if cfg.self_training else None
     imnet = None
     if cfg.fd_lambda > 0 and cfg.pretrained:
@@ -342,7 +364,7 @@ def train(cfg: TrainConfig, # the run
     runlog = RunLog(out, start, cfg.tensorboard) if main else None
     dcfg, t0, amp_dtype = dacs_config(cfg), time.time(), autocast_dtype(cfg.precision, device)
     latest = out / "checkpoints" / "latest.pth"
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text: tqdm.auto warns in kernels without ipywidgets
     bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and main), desc=cfg.experiment, mininterval=2)
     done = start
     for t, batch in zip(range(start, stop), loader):

@@ -6,7 +6,7 @@ import re
 import nbformat
 
 from conftest import ROOT
-from hrda.devtools import exported_module, list_notebooks, readme_text, sync_problems
+from hrda.devtools import exported_module, list_notebooks, portability_problems, readme_text, sync_problems
 
 
 def test_package_notebooks_and_readme_in_sync():
@@ -110,3 +110,24 @@ def test_readme_demo_numbers_match_the_demo_report():
     assert set(shown) == set(names), "the README's demo table lost a method"
     for name in names:  # mIoU and fine mIoU, as written by `make demo`
         assert shown[name][1:3] == produced[name][1:3], f"README demo numbers of {name} differ from reports/demo/README.md"
+
+
+def test_committed_reports_and_notebooks_travel_to_another_clone():
+    "No tracked report, experiment or notebook output holds a machine's absolute path, a traceback or a warning."
+    problems = portability_problems(ROOT)
+    assert not problems, f"{len(problems)} problems, e.g.:\n" + "\n".join(problems[:15])
+
+
+def test_portability_check_fails_on_a_planted_absolute_path_and_warning(repo_copy):
+    run = repo_copy / "reports" / "demo" / "hrda" / "s0"
+    run.mkdir(parents=True)
+    (run / "params.yaml").write_text(f"target_root: {repo_copy}/data/synth/target\n")
+    (run / "ok.json").write_text(json.dumps({"target_root": "data/synth/target"}))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="/home/me/.venv/lib/x.py:1: FutureWarning: soon\n")])])
+    nbformat.write(nb, run / "train.ipynb")
+    problems = portability_problems(repo_copy)
+    assert any(p.startswith("reports/demo/hrda/s0/params.yaml:1: absolute path") for p in problems), problems
+    assert any(p.startswith("reports/demo/hrda/s0/train.ipynb: output of cell 0 shows a warning") for p in problems)
+    assert any(p.startswith("reports/demo/hrda/s0/train.ipynb:") and "absolute path '/home/me" in p for p in problems)
+    assert not any("ok.json" in p for p in problems)
