@@ -22,8 +22,8 @@ from .core import CLASSES, atomic_write, colorize, get_logger, resolve_path, wri
 from .evaluation import metrics_table, read_image, read_label_png
 
 # %% auto #0
-__all__ = ['SUMMARY_KEYS', 'FINE_CLASSES', 'MAX_DPI', 'DPI', 'Run', 'read_jsonl', 'load_run', 'find_runs', 'final_metrics',
-           'metric_value', 'group_runs', 'mean_metrics', 'fine_miou', 'results_table', 'seed_table',
+__all__ = ['SUMMARY_KEYS', 'FINE_CLASSES', 'MAX_DPI', 'DPI', 'THIN_CLASSES', 'Run', 'read_jsonl', 'load_run', 'find_runs',
+           'final_metrics', 'metric_value', 'group_runs', 'mean_metrics', 'fine_miou', 'results_table', 'seed_table',
            'seed_table_markdown', 'save_figure', 'plot_per_class_iou', 'plot_training_curves', 'detail_window',
            'detail_rich_images', 'zoom_figure', 'qualitative_grid', 'plot_qualitative', 'plot_attention',
            'build_report']
@@ -77,19 +77,21 @@ def _is_run(d: Path) -> bool: return (d / "metrics.json").is_file() or (d / "eva
 
 def find_runs(patterns: str | Path | Sequence[str | Path], # glob patterns of run folders, e.g. 'reports/table1_*/*'
              ) -> list[Run]:
-    "The runs whose folders match `patterns` (`**` allowed), sorted by path; an error if none matches."
+    "The runs whose folders match `patterns` (`**` allowed): in the order of the patterns, each one's sorted by path."
     pats = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
-    dirs = set()
+    dirs: dict[Path, None] = {}  # ordered, without repeats
     for pat in pats:
+        found = set()
         for hit in glob(str(pat), recursive=True):
             d = Path(hit)
             if d.name == "metrics.json": d = d.parent
             if d.name == "eval" and _is_run(d.parent): d = d.parent  # <run>/eval is part of its run
-            if d.is_dir() and _is_run(d): dirs.add(d)
+            if d.is_dir() and _is_run(d): found.add(d)
+        dirs.update(dict.fromkeys(sorted(found)))
     if not dirs:
         raise FileNotFoundError(f"no run folder (holding metrics.json or eval/metrics.json) matches {[str(p) for p in pats]}; "
                                 "train with `hrda train` or check the pattern")
-    return [load_run(d) for d in sorted(dirs)]
+    return [load_run(d) for d in dirs]
 
 def final_metrics(run: Run, # a loaded run
                   source: str = "auto", # 'auto' (eval/metrics.json if there, else the final training evaluation), 'eval' or 'train'
@@ -266,9 +268,11 @@ def _show(ax, arr: np.ndarray, title: str | None = None, max_side: int = 512, **
     if title: ax.set_title(title, fontsize=7)
     return step
 
+THIN_CLASSES: tuple[str, ...] = ("pole", "traffic light", "traffic sign", "bicycle")  # what the zoomed windows look for
+
 def detail_window(label: np.ndarray, # (H, W) train ids (ground truth or a prediction)
                   size: tuple[int, int] = (48, 96), # (h, w) of the window
-                  classes: Sequence[str] = FINE_CLASSES, # the classes it should hold
+                  classes: Sequence[str] = THIN_CLASSES, # the classes it should hold
                  ) -> tuple[int, int, int, int]:
     "The (y0, y1, x0, x1) window of `size` that holds the most pixels of `classes`."
     H, W = label.shape
@@ -281,7 +285,7 @@ def detail_window(label: np.ndarray, # (H, W) train ids (ground truth or a predi
 
 def detail_rich_images(index: dict[str, dict], # name -> {'image': path, 'label': path} (eval/predictions/index.json)
                        k: int = 2, # how many
-                       classes: Sequence[str] = FINE_CLASSES, # the classes counted
+                       classes: Sequence[str] = THIN_CLASSES, # the classes counted
                       ) -> list[str]:
     "The `k` images whose ground truth holds the most pixels of `classes` (ties broken by name)."
     ids = [CLASSES.index(c) for c in classes]

@@ -34,7 +34,7 @@ from .optim import build_optimizer, set_lr_
 from .segmentor import SegmentorConfig, build_segmentor
 
 # %% auto #0
-__all__ = ['RESUME_KEYS', 'TrainConfig', 'segmentor_config', 'resolve_paths', 'dacs_config', 'IterationSampler',
+__all__ = ['RESUME_KEYS', 'INIT_PARTS', 'TrainConfig', 'segmentor_config', 'resolve_paths', 'dacs_config', 'IterationSampler',
            'collate_tensors', 'SyncCrop', 'build_datasets', 'run_dir', 'NonFiniteLossError', 'read_log', 'RunLog',
            'check_finite', 'provenance', 'init_from_run_', 'train', 'train_cli']
 
@@ -73,7 +73,7 @@ class TrainConfig:
     backbone: str = "mit_b5"  # hrda.backbones name
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. {drop_path_rate: 0.1} or {widths: [32, 64, 96, 128]}
     pretrained: str | None = None  # ImageNet weights of the backbone (local file); also enables the FD model
-    init_from: str | None = None  # a training checkpoint (or run folder) whose student starts this run; an HRDA attention head it lacks keeps its init
+    init_from: str | None = None  # a training checkpoint (or run folder) whose student's backbone and decode head start this run
     head: str = "daformer"  # decode head
     head_kwargs: dict = field(default_factory=dict)
     attention_head: str = "attention"  # scale-attention head
@@ -285,18 +285,20 @@ def _save(out: Path, t: int, cfg: TrainConfig, **state) -> Path:
         for old in sorted(ckpt_dir.glob("iter_*.pth"))[:-cfg.keep_checkpoints]: old.unlink()
     return latest
 
+INIT_PARTS: tuple[str, ...] = ("backbone.", "decode_head.")  # what `init_from` carries over; a scale-attention head starts fresh
+
 def init_from_run_(model: nn.Module, # a freshly built segmentor, changed in place
                    path: str | Path, # a training checkpoint, or a run folder holding checkpoints/latest.pth
                   ) -> list[str]:
-    "Start `model` from another run's student weights; the keys left at their init (a scale-attention head only)."
+    "Start `model`'s backbone and decode head from another run's student, as from pretrained weights; the keys left at their init."
     path = resolve_path(path)
     if path.is_dir(): path = path / "checkpoints" / "latest.pth"
-    weights = load_checkpoint(path)["student"]
+    weights = {k: v for k, v in load_checkpoint(path)["student"].items() if k.startswith(INIT_PARTS)}
     _, missing, unexpected = load_shape_checked(model, weights, f"init_from {path} does not fit this model",
-                                                "initialise from a run with the same backbone and heads", ConfigError)
-    other = [k for k in missing if not k.startswith("attention_head.")] + unexpected
+                                                "initialise from a run with the same backbone and decode head", ConfigError)
+    other = [k for k in missing if k.startswith(INIT_PARTS)] + unexpected
     if other: raise ConfigError(f"init_from {path} differs from this model in {len(other)} weights (e.g. {other[:3]}); "
-                                "initialise from a run with the same backbone and heads")
+                                "initialise from a run with the same backbone and decode head")
     return missing
 
 def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device) -> dict | None:

@@ -133,7 +133,8 @@ def test_qualitative_grid_shows_image_truth_and_each_runs_prediction(tmp_path):
     write_run(tmp_path / "reports", "plain", "s0", 50.0)
     runs = find_runs(f"{tmp_path}/reports/*/s0")
     fig = plot_qualitative(runs, path=tmp_path / "q.png", dpi=50)
-    assert [ax.get_title() for ax in fig.axes] == ["image", "ground truth", "daformer/s0", "hrda/s0"]  # only 'a' is common
+    titles = ["image", "ground truth", "daformer/s0", "hrda/s0"]
+    assert [ax.get_title() for ax in fig.axes] == titles + [""] * 4  # only 'a' is common; its zoomed row below
     np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), colorize(gt))
     np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), colorize(wrong))
     assert png_size(tmp_path / "q.png")[0] == round(fig.get_size_inches()[0] * 50)
@@ -165,7 +166,8 @@ def test_attention_figure_from_a_real_prediction_folder(tmp_path):
     finally:
         torch.set_num_threads(n)
     fig = plot_attention(tmp_path / "run" / "predict", path=tmp_path / "att.png", dpi=40)
-    assert [ax.get_title() for ax in fig.axes] == ["image", "LR (context)", "HR (detail)", "attention", "fused"]
+    titles = ["image", "LR (context)", "HR (detail)", "attention (bright: HR)", "fused"]
+    assert [ax.get_title() for ax in fig.axes] == titles + [""] * 5  # and the zoomed row
     gray = np.asarray(Image.open(tmp_path / "run/predict/scales/attention_gray/scene.png")) / 255
     np.testing.assert_allclose(fig.axes[3].images[0].get_array(), gray)
     np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), img)

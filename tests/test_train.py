@@ -241,3 +241,32 @@ def test_grid_runs_and_skips_finished(synth, tmp_path, capsys):
     assert (metrics["experiment"], metrics["run"], metrics["config"]["seed"]) == ("table0_tiny", "s3", 3)
     assert metrics["config"]["hr_loss_weight"] == 0.2 and metrics["finished"]
     assert run_grid(grid, launcher="hrda", reports=tmp_path / "reports")["skipped"] == [str(out)]
+
+
+def test_init_from_starts_from_another_runs_backbone_and_head(synth, straight, tmp_path):
+    "init_from copies the backbone and decode head (single-scale run -> HRDA too); the attention head starts fresh."
+    cfg, _ = straight
+    source = hrda.train.run_dir(cfg) / "checkpoints" / "latest.pth"
+    weights = load_checkpoint(source)["student"]
+    started = {}
+    real = hrda.train.init_from_run_
+    def spy(model, path):
+        missing = real(model, path)
+        started.update({k: v.clone() for k, v in model.state_dict().items()})
+        return missing
+    hrda.train.init_from_run_ = spy
+    try: train(config(synth, tmp_path / "warm", iters=1, init_from=str(hrda.train.run_dir(cfg))), resume=False)
+    finally: hrda.train.init_from_run_ = real
+    carried = [k for k in weights if k.startswith(("backbone.", "decode_head."))]
+    assert carried and all(torch.equal(started[k], weights[k]) for k in carried)
+    assert not all(torch.equal(started[k], weights[k]) for k in weights if k.startswith("attention_head."))
+    params = yaml_load(tmp_path / "warm" / "params.yaml")
+    assert params["init_from"] == str(hrda.train.run_dir(cfg))  # outside the repository: kept as it is
+    other = config(synth, tmp_path / "other", iters=1, init_from=str(source),
+                   backbone_kwargs={"widths": [8, 16, 24, 40], "depths": [1, 1, 1, 1]})
+    with pytest.raises(ConfigError, match="does not fit this model"): train(other, resume=False)
+
+
+def yaml_load(path):
+    import yaml
+    return yaml.safe_load(open(path))
