@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from .backbones import load_shape_checked
 from .checkpoint import check_compatible, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .core import (ConfigError, Precision, autocast_dtype, config_to_dict, get_logger, load_config, make_generator,
-                       portable_record, repo_root, resolve_path, seed_everything, write_json, write_text, write_yaml)
+                       portable_path, portable_record, repo_root, resolve_path, seed_everything, write_json, write_text,
+                       write_yaml)
 from .dacs import DACSConfig, dacs_step
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
@@ -336,7 +337,7 @@ def train(cfg: TrainConfig, # the run
     student = build_segmentor(segmentor_config(cfg)).to(device)
     if ckpt is None and cfg.init_from:
         fresh = init_from_run_(student, cfg.init_from)
-        if main: log.info(f"initialised from {cfg.init_from}" + (f"; {len(fresh)} attention-head tensors start fresh" if fresh else ""))
+        if main: log.info(f"initialised from {portable_path(cfg.init_from)}" + (f"; {len(fresh)} attention-head tensors start fresh" if fresh else ""))
     teacher = copy.deepcopy(student).requires_grad_(False) if cfg.self_training else None
     imnet = None
     if cfg.fd_lambda > 0 and cfg.pretrained:
