@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("demo", "source-only, DAFormer and HRDA on the synthetic benchmark: hrda demo [--seeds 0 1 2]")):
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     ev = sub.add_parser("evaluate", help="mIoU and per-class IoU of a checkpoint, written to <run>/eval/",
-                        description="Evaluate a checkpoint on a prepared validation set (SPEC 7).", epilog=EVALUATE_EPILOG,
+                        description="Evaluate a checkpoint on a prepared validation set (whole-set mIoU).", epilog=EVALUATE_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(ev)
     ev.add_argument("--data", metavar="ROOT", help="prepared dataset root (default: the run's target_root)")

@@ -105,7 +105,7 @@ def denormalize(img: torch.Tensor, # (3, H, W) normalised
 # %% ../nbs/01a_datasets.ipynb #64bbe1ee
 @dataclass
 class PipelineConfig:
-    "Per-sample training transforms (SPEC 2.3)."
+    "Per-sample training transforms of the original HRDA configs."
     scale: tuple[int, int] | None = (2560, 1440)  # keep-ratio resize target (long, short side); None: no resize
     crop_size: tuple[int, int] = (1024, 1024)  # (H, W) of the random crop
     cat_max_ratio: float = 1.0  # < 1: re-draw the crop while one class covers >= this share (source only)
@@ -215,7 +215,7 @@ class SegDataset(Dataset):
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
         self.pipeline = pipeline or hrda_pipeline(dataset, role)
         if role == "target" and self.pipeline.cat_max_ratio < 1:
-            raise ValueError("cat_max_ratio < 1 would crop target images by their labels (SPEC quirk 15); use 1.0")
+            raise ValueError("cat_max_ratio < 1 would crop target images by their labels, which UDA must not read; use 1.0")
         self.files = find_samples(root, dataset, split)
 
     def __len__(self) -> int: return len(self.files)
@@ -248,7 +248,7 @@ class SegDataset(Dataset):
 # %% ../nbs/01a_datasets.ipynb #7eff5a9c
 @dataclass
 class RCSConfig:
-    "Rare class sampling settings (SPEC 2.4)."
+    "Rare class sampling settings (DAFormer paper §3.3)."
     temperature: float = 0.01  # T in softmax((1 - f) / T)
     min_pixels: int = 3000  # a file is a candidate for class c if it holds more pixels of c than this
     min_crop_ratio: float = 2.0  # reload until the crop holds > min_pixels * min_crop_ratio pixels of c (DAFormer: 0.5)

@@ -129,7 +129,7 @@ def predict_image(model: Segmentor, # in eval mode
     if not return_scales: return logits_to_label(model.inference(x, mode), size)[0].cpu().numpy()
     maps = model.predict_scales(x, mode)
     out = {k: logits_to_label(maps[k], size)[0].cpu().numpy() for k in ("fused", "lr", "hr") if k in maps}
-    if "attention_pred" in maps:  # Σ_c a_c softmax(ŷ_F)_c, the original ATT output (SPEC 8.1), in [0, 1]
+    if "attention_pred" in maps:  # Σ_c a_c softmax(ŷ_F)_c, the original test tool's ATT output, in [0, 1]
         out["attention"] = resize(maps["attention_pred"].float(), size)[0, 0].clamp(0, 1).cpu().numpy()
     return out
 

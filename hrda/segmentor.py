@@ -26,7 +26,7 @@ __all__ = ['BACKBONE_STRIDE', 'SegmentorConfig', 'resize', 'fuse', 'seg_ce_loss'
 # %% ../nbs/04_segmentor.ipynb #a13ac3f2
 @dataclass
 class SegmentorConfig:
-    "Every option of the HRDA encoder-decoder (SPEC 3.4); the defaults are the paper's final GTA→Cityscapes model."
+    "Every option of the HRDA encoder-decoder; the defaults are the paper's final GTA→Cityscapes model."
     backbone: str = "mit_b5"  # name for hrda.backbones.create_backbone
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of the backbone
     pretrained: str | None = None  # ImageNet weights of the backbone (a file), None = random init
@@ -35,7 +35,7 @@ class SegmentorConfig:
     attention_head: str = "attention"  # scale-attention head (reads the LR features only)
     attention_head_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of the attention head
     num_classes: int = 19  # K
-    scales: tuple[float, float] = (0.5, 1.0)  # (context, detail) scales; sorted, so index 0 is the LR context (quirk 10.17)
+    scales: tuple[float, float] = (0.5, 1.0)  # (context, detail) scales; sorted as in the original, so index 0 is the LR context
     hr_crop_size: tuple[int, int] | None = (512, 512)  # detail crop (h, w) in HR pixels; None = no crop, HR sees all
     crop_coord_divisible: int = 8  # detail-crop offsets are multiples of this (os · s), so boxes map to whole cells
     hr_loss_weight: float = 0.1  # λ_d, weight of the detail-crop loss
@@ -231,7 +231,7 @@ def _forward_train(self: Segmentor,
     w_d, w_lr = cfg.hr_loss_weight, cfg.lr_loss_weight
     loss = (1 - w_d - w_lr) * l_f + w_d * l_d
     logs = {"loss_seg": (1 - w_d - w_lr) * l_f, "acc_seg": acc_f, "hr.loss_seg": w_d * l_d, "hr.acc_seg": acc_d}
-    if w_lr > 0:  # quirk: on the attention-scaled LR logits
+    if w_lr > 0:  # as in the original, on the attention-scaled LR logits
         l_lr, acc_lr = seg_ce_loss(parts["lr_scaled"], gt, weight)
         loss = loss + w_lr * l_lr
         logs.update({"lr.loss_seg": w_lr * l_lr, "lr.acc_seg": acc_lr})

@@ -42,7 +42,7 @@ __all__ = ['RESUME_KEYS', 'INIT_PARTS', 'TrainConfig', 'segmentor_config', 'reso
 # %% ../nbs/06a_train.ipynb #f80b53a0
 @dataclass
 class TrainConfig:
-    "Every option of a training run; defaults = HRDA GTA→Cityscapes (SPEC 5)."
+    "Every option of a training run; defaults = the original HRDA GTA→Cityscapes config."
     # run
     experiment: str = "gta2cs_hrda"  # experiment name: the run folder is reports/<experiment>/<run>
     run: str = ""  # run name; empty: 's<seed>'

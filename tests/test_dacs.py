@@ -1,4 +1,4 @@
-"""DACS self-training (hrda.dacs) and its optimiser (hrda.optim): the SPEC 12 training checks with asserted numbers,
+"""DACS self-training (hrda.dacs) and its optimiser (hrda.optim): the training checks with asserted numbers,
 kornia 0.5.8 reference values for the jitter and blur, and whole iterations on a stand-in and on the real segmentor."""
 import math
 
@@ -71,7 +71,7 @@ def test_ema_alpha_schedule():
 
 
 def test_ema_copy_then_half_average_inside_iterations():
-    """SPEC 12: the update at the start of t = 1 makes the teacher 0.5 initial copy + 0.5 student after step 0."""
+    """The update at the start of t = 1 makes the teacher 0.5 initial copy + 0.5 student after step 0."""
     torch.manual_seed(0)
     student, teacher, imnet = TinySegmentor(), TinySegmentor(), TinySegmentor()
     bn_before = teacher.backbone[1].running_mean.clone()
@@ -227,7 +227,7 @@ def test_strong_augment_coins_determinism_identity():
 
 # ---------------------------------------------------------------- feature distance
 def test_fd_label_pooling_ratio():
-    """SPEC 12: a 64x64 block that is 80% car -> car; 70% -> 255 (factor 64, ratio 0.75)."""
+    """A 64x64 block that is 80% car -> car; 70% -> 255 (factor 64, ratio 0.75)."""
     def cell(n_car, other=2):  # building (2) with the first n_car pixels car (13), row-major
         c = torch.full((64, 64), other)
         c.view(-1)[:n_car] = 13
@@ -376,7 +376,7 @@ def test_real_segmentor_iteration():
 
 
 def test_param_groups_on_the_real_segmentor():
-    """SPEC 4.3 / quirk 10.12 on MiT-B0 names: head x10 (decoder BN too, with decay), backbone norms without decay."""
+    """The original parameter groups on MiT-B0 names: head x10 (decoder BN too, with decay), backbone norms without decay."""
     segmentor, _ = small_segmentor_config()
     model = segmentor.build_segmentor(segmentor.SegmentorConfig(backbone="mit_b0"))
     opt = build_optimizer(model)

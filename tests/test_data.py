@@ -18,10 +18,10 @@ from hrda.core import make_generator
 from hrda.datasets import (PipelineConfig, RareClassSampler, RCSConfig, SegDataset, UDADataset, ValDataset,
                            crop_box_cat_max, load_class_stats, random_crop_box, rcs_class_probs, rescale_size)
 
-# The tables of SPEC 2.1, written out independently of the package.
-SPEC_CS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
+# The label mappings of the original conversion scripts, written out independently of the package.
+EXPECTED_CS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
            27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-SPEC_SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,
+EXPECTED_SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,
                 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
 
 
@@ -128,14 +128,14 @@ def read_png(path):
 def test_gta_conversion_values_and_stats(tmp_path):
     root = tmp_path / "gta"
     labels = write_gta(root)
-    assert convert.GTA_TO_TRAINID == SPEC_CS
+    assert convert.GTA_TO_TRAINID == EXPECTED_CS
     summary = prepare_gta(root, workers=0, progress=False)
     stats = json.loads((root / "sample_class_stats.json").read_text())
     expected_stats, pixels = [], {}
     for name, ids in labels.items():
         out = root / "labels" / name.replace(".png", "_labelTrainIds.png")
         train = read_png(out)
-        np.testing.assert_array_equal(train, expected_train_ids(ids, SPEC_CS))
+        np.testing.assert_array_equal(train, expected_train_ids(ids, EXPECTED_CS))
         assert train[ids == 26].tolist() == [13] * 40 and set(train[ids == 0].tolist()) == {255}
         expected_stats.append({**expected_counts(train), "file": str(out)})
         for c, n in expected_counts(train).items(): pixels[int(c)] = pixels.get(int(c), 0) + n
@@ -167,11 +167,11 @@ def test_synthia_16bit_last_channel(tmp_path):
     root = tmp_path / "synthia"
     labels = write_synthia(root)
     assert cv2.imread(str(root / "GT/LABELS/0000000.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
-    assert convert.SYNTHIA_TO_TRAINID == SPEC_SYNTHIA
+    assert convert.SYNTHIA_TO_TRAINID == EXPECTED_SYNTHIA
     summary = prepare_synthia(root, workers=0, progress=False)
     for name, cls in labels.items():
         train = read_png(root / "GT/LABELS" / name.replace(".png", "_labelTrainIds.png"))
-        np.testing.assert_array_equal(train, expected_train_ids(cls, SPEC_SYNTHIA))
+        np.testing.assert_array_equal(train, expected_train_ids(cls, EXPECTED_SYNTHIA))
     assert train[-1, -1] == 13 and train[3, 12] == 11 and train[-1, 0] == 1 and train[0, 5] == 10 and train[0, 0] == 255
     assert summary["unknown_values"] == {} and summary["stats_files"] == 2
     assert sorted(json.loads((root / "samples_with_class.json").read_text()), key=int) == ["0", "1", "10", "11", "13"]
@@ -185,7 +185,7 @@ def test_cityscapes_tree_splits_and_train_only_stats(tmp_path):
     for key, ids in labels.items():
         split, city, name = key.split("/")
         train = read_png(root / "gtFine" / split / city / f"{name}_gtFine_labelTrainIds.png")
-        np.testing.assert_array_equal(train, expected_train_ids(ids, SPEC_CS))
+        np.testing.assert_array_equal(train, expected_train_ids(ids, EXPECTED_CS))
     stats = json.loads((root / "sample_class_stats.json").read_text())
     assert [s["file"] for s in stats] == [str(root / "gtFine/train" / f) for f in (
         "aachen/aachen_000000_000019_gtFine_labelTrainIds.png", "aachen/aachen_000001_000019_gtFine_labelTrainIds.png",
@@ -425,7 +425,7 @@ def test_target_crop_ignores_labels_and_margin_mask(tmp_path):
     small = SegDataset(root, "cityscapes", pipeline=PipelineConfig(None, (8, 8)), role="target")
     for seed in range(10):
         assert small.load(seed % 3, make_generator(seed))["meta"]["crop_box"] == random_crop_box(16, 32, (8, 8), make_generator(seed))
-    with pytest.raises(ValueError, match="quirk 15"):
+    with pytest.raises(ValueError, match="which UDA must not read"):
         SegDataset(root, "cityscapes", pipeline=PipelineConfig(None, (8, 8), cat_max_ratio=0.75), role="target")
 
 
@@ -436,7 +436,7 @@ def test_validation_dataset(tmp_path):
     val = ValDataset(root, "cityscapes", "val", scale=(16, 8))
     v = val[1]
     assert len(val) == 2 and v["name"] == "frankfurt_000001_000019" and v["img"].shape == (3, 8, 16)
-    np.testing.assert_array_equal(v["gt"].numpy(), expected_train_ids(labels["val/frankfurt/frankfurt_000001_000019"], SPEC_CS))
+    np.testing.assert_array_equal(v["gt"].numpy(), expected_train_ids(labels["val/frankfurt/frankfurt_000001_000019"], EXPECTED_CS))
     assert v["img"][0, 0, 0].item() == pytest.approx((200 - 123.675) / 58.395, abs=1e-4)  # BGR 200 in blue -> R channel first
     assert ValDataset(root, "cityscapes", "val", scale=None)[0]["img"].shape == (3, 16, 32)
 

@@ -62,15 +62,15 @@ def test_every_head_on_every_backbone(head_name, size, features):
 
 
 def test_parameter_counts_for_mit_b5_channels():
-    assert n_params(create_head("daformer", MIT_CHANNELS, 19)) == 3_712_275  # SPEC 3.2
-    assert n_params(create_head("attention", MIT_CHANNELS, 19)) == 530_707  # SPEC 3.3
+    assert n_params(create_head("daformer", MIT_CHANNELS, 19)) == 3_712_275  # the original DAFormer head
+    assert n_params(create_head("attention", MIT_CHANNELS, 19)) == 530_707  # the original scale-attention head
     assert n_params(create_head("attention", MIT_CHANNELS, 19, classwise=False)) == 530_707 - 18 * 257
     assert n_params(create_head("segformer", MIT_CHANNELS, 19, embed_dim=768)) == 3_164_947
     assert n_params(create_head("dlv2", (256, 512, 1024, 2048), 19)) == 2 * (2048 * 19 * 9 + 19)
     with torch.device("meta"):
         student = [create_backbone("mit_b5"), create_head("daformer", MIT_CHANNELS, 19),
                    create_head("attention", MIT_CHANNELS, 19)]
-    assert round(sum(map(n_params, student)) / 1e6, 2) == 85.69  # SPEC 3.3: total student parameters
+    assert round(sum(map(n_params, student)) / 1e6, 2) == 85.69  # total student parameters
 
 
 def test_daformer_and_attention_keys_match_the_original():

@@ -6,7 +6,8 @@ import re
 import nbformat
 
 from conftest import ROOT
-from hrda.devtools import exported_module, list_notebooks, portability_problems, readme_text, sync_problems
+from hrda.devtools import (exported_module, list_notebooks, portability_problems, readme_text, sync_problems,
+                           tracked_files)
 
 
 def test_package_notebooks_and_readme_in_sync():
@@ -131,3 +132,29 @@ def test_portability_check_fails_on_a_planted_absolute_path_and_warning(repo_cop
     assert any(p.startswith("reports/demo/hrda/s0/train.ipynb: output of cell 0 shows a warning") for p in problems)
     assert any(p.startswith("reports/demo/hrda/s0/train.ipynb:") and "absolute path '/home/me" in p for p in problems)
     assert not any("ok.json" in p for p in problems)
+
+
+# Citations of a design document that is not in the repository: "<doc> 3.5", "<doc> §7", "<doc>.md", "(<doc>)",
+# "<quirk word> 10.7". The words are split so that this file does not match its own pattern.
+_DOC, _QUIRK = "sp" + "ec", "qui" + "rk"
+_MISSING_DOC = re.compile(rf"\b{_DOC}\s*§|\b{_DOC}\s+\d|\b{_DOC}\.md\b|\b{_DOC}\s+{_QUIRK}|\b{_QUIRK}s?\s+\d"
+                          rf"|(?-i:\({_DOC.upper()}\))", re.IGNORECASE)  # "(<DOC>)" in capitals only: a lower-case one is code
+_TEXT_SUFFIXES = {".ipynb", ".py", ".md", ".yaml", ".yml", ".ini", ".txt", ".cfg", ".toml", ".sh"}
+
+
+def test_no_tracked_file_cites_a_document_missing_from_the_repository():
+    "A clone explains itself: comments and docs cite the papers or state the fact, not an internal document."
+    for text in (f"{_DOC.upper()} 3.5", f"({_DOC.upper()} §7)", f"{_DOC.upper()}.md", f"({_DOC.upper()})", f"{_QUIRK} 10.7",
+                 f"{_DOC} {_QUIRK} 15", f"{_QUIRK}s 10.3"):
+        assert _MISSING_DOC.search(text), text
+    assert not _MISSING_DOC.search(f"for {_DOC} in specs: set({_DOC}), {_DOC}['id']; a {_QUIRK}: on the scaled logits")
+    hits = []
+    for path in tracked_files(ROOT, "."):
+        rel = path.relative_to(ROOT)
+        if (path.suffix not in _TEXT_SUFFIXES and path.name != "Makefile") or \
+                any(part.startswith(".") and part != ".ci" for part in rel.parts[:-1]):  # .venv etc. in a copy without git
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if m := _MISSING_DOC.search(line):
+                hits.append(f"{rel.as_posix()}:{i}: {m.group(0)!r}")
+    assert not hits, f"{len(hits)} references to a document that is not in the repository, e.g.:\n" + "\n".join(hits[:15])

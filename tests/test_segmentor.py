@@ -1,4 +1,4 @@
-"""HRDA segmentor: shapes, fusion identities, losses, slide inference, released-checkpoint loading (SPEC 3.4-3.8, 8.5, 12)."""
+"""HRDA segmentor: shapes, fusion identities, losses, slide inference, released-checkpoint loading (HRDA paper §3.2-3.4)."""
 import math
 
 import pytest
@@ -25,7 +25,7 @@ def small_model(seed=0, widths=(8, 16, 24, 32), head_ch=16, **kw):
 
 
 def reduced(**kw):
-    "The SPEC geometry scaled down 4x: 256² context crops, 128² detail crops, 256² test windows with stride 128."
+    "The original geometry scaled down 4x: 256² context crops, 128² detail crops, 256² test windows with stride 128."
     return small_model(**{"hr_crop_size": (128, 128), "test_crop_size": (256, 256), "test_stride": (128, 128), **kw})
 
 
@@ -263,7 +263,7 @@ def test_not_classwise_attention_and_fixed_attention_training(batch):
 # ---------------------------------------------------------------- released checkpoints
 
 def original_keys(depths, attention=True):
-    "The exact mmseg key names of an HRDA MiT + DAFormer model, written out from SPEC 3.1-3.3 and 8.5."
+    "The exact mmseg key names of an HRDA MiT + DAFormer model, written out from the original code."
     bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     wb = ["weight", "bias"]
     keys = []
