@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_model import _cpu_peak_mb, _reset_cpu_peak, _sync  # noqa: E402
-from hrda.core import autocast_dtype, get_device, load_config, make_generator, write_json, write_text  # noqa: E402
-from hrda.dacs import dacs_step  # noqa: E402
+from hrda.config import TrainConfig, load_config, narrow  # noqa: E402
+from hrda.core import autocast_dtype, get_device, make_generator, write_json, write_text  # noqa: E402
+from hrda.dacs import DACSConfig, dacs_step  # noqa: E402
 from hrda.optim import build_optimizer  # noqa: E402
-from hrda.segmentor import build_segmentor  # noqa: E402
-from hrda.train import TrainConfig, dacs_config, segmentor_config  # noqa: E402
+from hrda.segmentor import SegmentorConfig, build_segmentor  # noqa: E402
 
 
 def random_batch(cfg: TrainConfig, device: torch.device, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -93,9 +93,9 @@ def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: b
     if device.type == "cuda" and precision != "tf32":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    student = build_segmentor(segmentor_config(cfg)).to(device)
+    student = build_segmentor(narrow(SegmentorConfig, cfg)).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
-    imnet = build_segmentor(segmentor_config(cfg)).to(device).requires_grad_(False).eval() if cfg.fd_lambda > 0 else None
+    imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval() if cfg.fd_lambda > 0 else None
     if checkpointing:  # only the student trains; MiT backbones recompute block activations in backward
         if not hasattr(student.backbone, "grad_checkpoint"):
             raise SystemExit(f"--checkpointing needs a MiT backbone, not {cfg.backbone}")
@@ -106,7 +106,7 @@ def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: b
     optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     g = make_generator(0)
-    dcfg = dacs_config(cfg)
+    dcfg = narrow(DACSConfig, cfg)
     batch = random_batch(cfg, device, make_generator(0, "batch"))
     step = lambda t: dacs_step(student, teacher, imnet, optimizer, batch, t, g, dcfg, amp, scaler)
     return step, student
@@ -171,7 +171,7 @@ def bench_inference(cfg: TrainConfig, device: torch.device, precision: str, size
     start_variant(device, cudnn_benchmark, layout)
     amp = autocast_dtype(precision, device)
     torch.manual_seed(0)
-    model = build_segmentor(segmentor_config(cfg)).to(device).eval()
+    model = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).eval()
     if compile:
         compile_regions(model)
     img = torch.randn(1, 3, *size, generator=make_generator(0)).to(device)

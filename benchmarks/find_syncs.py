@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_train_step import make_step  # noqa: E402
-from hrda.core import load_config  # noqa: E402
-from hrda.train import TrainConfig  # noqa: E402
+from hrda.config import TrainConfig, load_config  # noqa: E402
 
 
 def our_frame(stack: list[traceback.FrameSummary]) -> str:

@@ -5,8 +5,6 @@
 # %% ../nbs/00_core.ipynb #4f53d350
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -28,9 +26,9 @@ import yaml
 # %% auto #0
 __all__ = ['Precision', 'PRECISIONS', 'IGNORE_INDEX', 'CLASSES', 'PALETTE', 'CLASS_SUBSETS', 'THING_CLASSES', 'derive_seed',
            'make_generator', 'seed_everything', 'generator_state', 'restore_generator', 'get_device', 'autocast_dtype',
-           'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'read_yaml', 'parse_overrides', 'load_config',
-           'config_to_dict', 'repo_root', 'portable_path', 'resolve_path', 'portable_record', 'atomic_write',
-           'write_text', 'write_json', 'write_yaml', 'save_torch', 'get_logger']
+           'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'read_yaml', 'repo_root', 'portable_path',
+           'resolve_path', 'portable_record', 'atomic_write', 'write_text', 'write_json', 'write_yaml', 'save_torch',
+           'get_logger']
 
 # %% ../nbs/00_core.ipynb #7d9089f2
 def derive_seed(seed: int, # the run seed
@@ -210,61 +208,6 @@ _YamlLoader.add_implicit_resolver(
 def read_yaml(text: str) -> Any:
     "Parse YAML `text` safely, with `6e-5` read as a float."
     return yaml.load(text, Loader=_YamlLoader)
-
-def parse_overrides(overrides: Sequence[str] | dict | None, # ['key=value', ...] or a dict
-                   ) -> dict[str, Any]:
-    "A dict from `key=value` strings; each value is parsed as YAML (`lr=6e-5`, `crop=[512,512]`, `fd=true`)."
-    if overrides is None: return {}
-    if isinstance(overrides, dict): return dict(overrides)
-    out = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        out[key.strip()] = read_yaml(raw) if raw.strip() else None
-    return out
-
-def _check_keys(cls, keys, where: str):
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in keys:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
-
-def _read_yaml_chain(path: Path, depth: int = 0) -> dict:
-    if depth > 4: raise ConfigError(f"{path}: 'base' files nest deeper than 4 levels")
-    if not path.exists(): raise ConfigError(f"config file {path} does not exist")
-    data = read_yaml(path.read_text()) or {}
-    if not isinstance(data, dict): raise ConfigError(f"{path}: a config file must hold a mapping of key: value")
-    base = data.pop("base", None)
-    if base is None: return data
-    return {**_read_yaml_chain(path.parent / base, depth + 1), **data}
-
-def load_config(cls: type, # a dataclass whose fields are the valid keys
-                path: str | Path | None = None, # optional YAML file; it may name a `base` file next to it
-                overrides: Sequence[str] | dict | None = None, # `key=value` strings or a dict, applied last
-               ):
-    "An instance of `cls` from its defaults, then `path`, then `overrides`, each key checked and each value typed."
-    values: dict[str, Any] = {}
-    if path is not None:
-        file_values = _read_yaml_chain(Path(path))
-        _check_keys(cls, file_values, str(path))
-        values.update(file_values)
-    extra = parse_overrides(overrides)
-    _check_keys(cls, extra, "overrides")
-    values.update(extra)
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: coerce_value(v, hints[k], k) for k, v in values.items()})
-
-def config_to_dict(config) -> dict[str, Any]:
-    "A plain, YAML-safe dict of a config dataclass (tuples become lists, paths strings)."
-    def plain(v):
-        if isinstance(v, (tuple, list)): return [plain(x) for x in v]
-        if isinstance(v, Path): return str(v)
-        if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
-        return v
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 # %% ../nbs/00_core.ipynb #219dfd1d
 def repo_root(start: str | Path | None = None, # where to start looking (default: the current folder)

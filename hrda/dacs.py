@@ -41,7 +41,7 @@ class DACSConfig:
     color_jitter_p: float = 0.2  # jitter when the iteration's uniform coin > p (i.e. 80% of iterations)
     blur: bool = True  # Gaussian blur when the iteration's blur coin > 0.5
     mean: tuple[float, float, float] = IMG_MEAN  # image normalisation (0..255 RGB)
-    std: tuple[float, float, float] = IMG_STD
+    std: tuple[float, float, float] = IMG_STD  # and its standard deviation
     self_training: bool = True  # False: source pass (and FD) only, no teacher, no mixing
     pseudo_label_overlapping: bool | None = None  # the teacher's HR slide for pseudo-labels (None: the model's setting)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .analysis import FINE_CLASSES, fine_miou
-from .core import CLASSES, load_config, portable_path, repo_root, resolve_path, write_json, write_text
+from .core import CLASSES, portable_path, repo_root, resolve_path, write_json, write_text
+from .config import load_config
 
 # %% auto #0
 __all__ = ['METHODS', 'WARM_START', 'BRANCHES', 'LOCAL_DIR', 'REFERENCE_DIR', 'REFERENCE_SEEDS', 'run_folder', 'training_order',
@@ -285,7 +286,7 @@ def run_demo(out_dir: str | Path = LOCAL_DIR, # report folder (relative to the r
             ) -> dict[str, dict]:
     "Run the whole demo and write its report; returns the results rows."
     from hrda.synth import generate_benchmark, prepare_synth
-    from hrda.train import TrainConfig
+    from hrda.config import TrainConfig
     root = repo_root()
     out, data = resolve_path(out_dir, root), resolve_path(data_dir, root)
     order = training_order(methods)
@@ -397,7 +398,7 @@ def demo_readme(results: dict, # the content of results.json
 def demo_cli(argv: Sequence[str] | None = None) -> int:
     "Parse the demo options and run it."
     import argparse
-    from hrda.core import parse_overrides
+    from hrda.config import parse_overrides
     p = argparse.ArgumentParser(prog="hrda demo", description="Train and compare source-only, DAFormer and HRDA "
                                 f"on the embedded synthetic benchmark; report in {LOCAL_DIR}/ beside the reference in {REFERENCE_DIR}/.")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0; with --reference: 0 1 2)")

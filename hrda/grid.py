@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from .core import ConfigError, load_config, read_yaml, repo_root
-from .train import TrainConfig, segmentor_config
+from .core import ConfigError, read_yaml, repo_root
+from .config import load_config
+from .config import TrainConfig, narrow
+from .segmentor import SegmentorConfig
 
 # %% auto #0
 __all__ = ['GridRun', 'expand_grid', 'is_finished', 'run_command', 'run_grid', 'grid_cli']
@@ -71,7 +73,7 @@ def expand_grid(path: str | Path, # a grid YAML (with `runs:`) or a plain experi
         if extra: raise _grid_error(path, f"run {spec['id']}: unknown keys {sorted(extra)}; a run has id, config, set")
         config = path.parent / (spec.get("config") or data.get("config") or "")
         if not config.is_file(): raise _grid_error(path, f"run {spec['id']}: experiment file {config} does not exist")
-        try: segmentor_config(cfg := load_config(TrainConfig, config, spec.get("set") or {}))  # model checks too
+        try: narrow(SegmentorConfig, cfg := load_config(TrainConfig, config, spec.get("set") or {}))  # model checks too
         except ValueError as e: raise _grid_error(path, f"run {spec['id']}: {e}") from None
         for seed in (seeds if seeds is not None else data.get("seeds") or [cfg.seed]):
             runs.append(GridRun(spec["id"], config, int(seed), folder / spec["id"] / f"s{seed}", dict(spec.get("set") or {})))

@@ -18,15 +18,16 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .core import (CLASSES, IGNORE_INDEX, atomic_write, config_to_dict, get_device, get_logger, load_config,
-                       parse_overrides, write_json, write_text)
+from .core import CLASSES, IGNORE_INDEX, atomic_write, get_device, get_logger, write_json, write_text
+from .config import config_to_dict, load_config, parse_overrides
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, ImageReadError, evaluate, logits_to_label, metrics_table, read_image,
                              save_color_png,
                              save_label_png, save_metrics, save_overlay, summary_line)
 from .released import ReleasedCheckpointError, load_released_checkpoint, save_mmseg_checkpoint
 from .segmentor import Segmentor, build_segmentor, resize
-from .train import TrainConfig, provenance, resolve_paths, segmentor_config
+from .config import TrainConfig, narrow, provenance, resolve_paths
+from .segmentor import SegmentorConfig
 
 # %% auto #0
 __all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'load_model', 'input_size', 'prepare_image', 'predict_image', 'list_images',
@@ -50,7 +51,7 @@ def _train_config(stored: dict, overrides: Sequence[str] | dict | None, source: 
 
 def _fresh_model(cfg: TrainConfig) -> Segmentor:
     "The segmentor of `cfg` without ImageNet weights (the checkpoint replaces every weight)."
-    return build_segmentor(dataclasses.replace(segmentor_config(cfg), pretrained=None))
+    return build_segmentor(dataclasses.replace(narrow(SegmentorConfig, cfg), pretrained=None))
 
 # %% ../nbs/08_predict.ipynb #f586dac6
 def load_model(checkpoint: str | Path, # a training checkpoint (.pth of hrda.train) or, with `config`, a released one

@@ -6,27 +6,22 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
-import os
-import platform
-import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .backbones import load_shape_checked
 from .checkpoint import check_compatible, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from .core import (ConfigError, Precision, autocast_dtype, config_to_dict, get_logger, load_config, make_generator,
-                       portable_path, portable_record, repo_root, resolve_path, seed_everything, write_json, write_text,
-                       write_yaml)
+from .config import (TrainConfig, config_to_dict, load_config, narrow, provenance, resolve_paths, resume_keys,
+                         run_dir)
+from .core import (ConfigError, autocast_dtype, get_logger, make_generator, portable_path, portable_record,
+                       resolve_path, seed_everything, write_json, write_text, write_yaml)
 from .dacs import DACSConfig, dacs_step
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
@@ -35,126 +30,8 @@ from .optim import build_optimizer, set_lr_
 from .segmentor import SegmentorConfig, build_segmentor
 
 # %% auto #0
-__all__ = ['RESUME_KEYS', 'INIT_PARTS', 'TrainConfig', 'segmentor_config', 'resolve_paths', 'dacs_config', 'IterationSampler',
-           'collate_tensors', 'SyncCrop', 'build_datasets', 'run_dir', 'NonFiniteLossError', 'read_log', 'RunLog',
-           'check_finite', 'provenance', 'init_from_run_', 'train', 'train_cli']
-
-# %% ../nbs/06a_train.ipynb #f80b53a0
-@dataclass
-class TrainConfig:
-    "Every option of a training run; defaults = the original HRDA GTA→Cityscapes config."
-    # run
-    experiment: str = "gta2cs_hrda"  # experiment name: the run folder is reports/<experiment>/<run>
-    run: str = ""  # run name; empty: 's<seed>'
-    out_dir: str = ""  # run folder; empty: reports/<experiment>/<run> in the repository
-    seed: int = 1  # run seed (the paper averages seeds 0, 1, 2)
-    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N'
-    precision: Precision = "fp32"  # autocast: fp32, tf32, bf16 or fp16 (fp16 uses a loss scaler)
-    threads: int = 0  # torch CPU threads of this process (0: torch's default; 1 is fastest for tiny CPU models)
-    # data
-    source: str = "gta"  # source dataset kind: gta, synthia, cityscapes, custom
-    source_root: str = "data/gta"  # prepared source root (data_prep/prepare_<source>.py)
-    target: str = "cityscapes"  # target dataset kind
-    target_root: str = "data/cityscapes"  # prepared target root
-    val_split: str = "val"  # target split evaluated during training
-    source_scale: tuple[int, int] | None = (2560, 1440)  # keep-ratio resize (long, short) of source images; None: as is
-    target_scale: tuple[int, int] | None = (2048, 1024)  # the same for target images (training and evaluation)
-    crop_size: tuple[int, int] = (1024, 1024)  # context crop (h, w) at full resolution
-    cat_max_ratio: float = 0.75  # source crop re-draws while one class covers more than this share
-    pseudo_margins: tuple[int, int, int, int] | None = (30, 240, 30, 30)  # untrusted target rows/cols (top, bottom, left, right)
-    sync_crop_size: tuple[int, int] | None = None  # ablations: one sub-crop (h, w) shared by each source/target pair
-    rcs: bool = True  # rare class sampling of the source
-    rcs_temperature: float = 0.01  # T
-    rcs_min_pixels: int = 3000  # files qualify for a class above this pixel count
-    rcs_min_crop_ratio: float = 2.0  # crops are re-drawn until they hold min_pixels × this of the class
-    batch_size: int = 2  # source (and target) images per iteration and process
-    workers: int = 1  # data-loading processes per training process (0: in the main process)
-    cache_images: bool = False  # keep decoded training images in memory in each loader process (small datasets only)
-    # model
-    backbone: str = "mit_b5"  # hrda.backbones name
-    backbone_kwargs: dict = field(default_factory=dict)  # e.g. {drop_path_rate: 0.1} or {widths: [32, 64, 96, 128]}
-    pretrained: str | None = None  # ImageNet weights of the backbone (local file); also enables the FD model
-    init_from: str | None = None  # a training checkpoint (or run folder) whose student's backbone and decode head start this run
-    head: str = "daformer"  # decode head
-    head_kwargs: dict = field(default_factory=dict)
-    attention_head: str = "attention"  # scale-attention head
-    attention_head_kwargs: dict = field(default_factory=dict)
-    num_classes: int = 19  # C
-    single_scale: float | None = None  # None: HRDA; a scale s: the DAFormer single-scale baseline at s
-    scales: tuple[float, float] = (0.5, 1.0)  # (context, detail) scales
-    hr_crop_size: tuple[int, int] | None = (512, 512)  # detail crop (h, w) in full-resolution pixels
-    crop_coord_divisible: int = 8  # detail-crop offsets are multiples of this
-    hr_loss_weight: float = 0.1  # λ_d
-    lr_loss_weight: float = 0.0  # λ_lr
-    hr_slide_inference: bool = True  # HR branch by overlapping sliding windows at inference
-    blur_hr_crop: bool = False  # ablation: the HR branch sees a blurred copy
-    fixed_attention: float | None = None  # ablation: a constant attention
-    attention_classwise: bool = True  # one attention channel per class (ablation 'singleatt': False)
-    hr_slide_overlapping: bool = True  # HR slide stride = detail crop / 2 (ablation 'nooverlap': False)
-    pseudo_label_overlapping: bool | None = None  # the teacher's HR slide for pseudo-labels only (None: hr_slide_overlapping)
-    feature_scale: float | str = 0.5  # scale whose features the FD loss uses, or 'all'
-    test_mode: Literal["slide", "whole"] = "slide"  # outer test inference: sliding windows or the whole image
-    test_crop_size: tuple[int, int] = (1024, 1024)  # outer test window (h, w)
-    test_stride: tuple[int, int] = (512, 512)  # outer test stride
-    # self-training (DACS)
-    self_training: bool = True  # False: source only
-    alpha: float = 0.999  # EMA α
-    pseudo_threshold: float = 0.968  # τ
-    fd_lambda: float = 0.005  # λ_FD, ImageNet feature distance on thing classes (needs `pretrained`)
-    color_jitter_strength: float = 0.2  # s of colour jitter on mixed images
-    color_jitter_p: float = 0.2  # jitter when the iteration's coin > p
-    blur: bool = True  # Gaussian blur of mixed images
-    # optimisation
-    iters: int = 40000  # training iterations
-    lr: float = 6e-5  # AdamW base learning rate (heads × 10)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_iters: int = 1500  # linear warm-up length
-    poly_power: float = 1.0  # poly decay exponent
-    # bookkeeping
-    eval_every: int = 4000  # evaluate the student on the target val split every this many iterations (0: only at the end)
-    val_max_images: int = 0  # evaluate on the first N val images only (0: all)
-    eval_classes: list[int] | None = None  # train ids averaged into mIoU (None: all; synthetic benchmark: its 12)
-    checkpoint_every: int = 4000  # write checkpoints/latest.pth every this many iterations (0: only at the end)
-    keep_checkpoints: int = 1  # also keep this many iter_NNNNNN.pth files (0: only latest.pth)
-    log_every: int = 50  # log averaged losses every this many iterations
-    tensorboard: bool = True  # also write TensorBoard scalars
-    progress: bool = True  # tqdm progress bar
-
-# %% ../nbs/06a_train.ipynb #cc066dc4
-RESUME_KEYS: tuple[str, ...] = (
-    "seed", "source", "target", "source_scale", "target_scale", "crop_size", "sync_crop_size", "rcs", "batch_size",
-    "backbone", "backbone_kwargs", "head", "head_kwargs", "attention_head", "attention_head_kwargs",
-    "attention_classwise", "num_classes", "single_scale", "scales", "hr_crop_size", "fixed_attention",
-    "self_training", "iters", "lr", "warmup_iters", "poly_power")
-
-def segmentor_config(cfg: TrainConfig) -> SegmentorConfig:
-    "The model part of `cfg`."
-    return SegmentorConfig(
-        backbone=cfg.backbone, backbone_kwargs=dict(cfg.backbone_kwargs), pretrained=cfg.pretrained, head=cfg.head,
-        head_kwargs=dict(cfg.head_kwargs), attention_head=cfg.attention_head,
-        attention_head_kwargs=dict(cfg.attention_head_kwargs), num_classes=cfg.num_classes, scales=cfg.scales,
-        hr_crop_size=cfg.hr_crop_size, crop_coord_divisible=cfg.crop_coord_divisible, hr_loss_weight=cfg.hr_loss_weight,
-        lr_loss_weight=cfg.lr_loss_weight, hr_slide_inference=cfg.hr_slide_inference,
-        hr_slide_overlapping=cfg.hr_slide_overlapping, blur_hr_crop=cfg.blur_hr_crop,
-        attention_classwise=cfg.attention_classwise, fixed_attention=cfg.fixed_attention,
-        feature_scale=cfg.feature_scale, single_scale=cfg.single_scale, test_mode=cfg.test_mode,
-        test_crop_size=cfg.test_crop_size, test_stride=cfg.test_stride)
-
-def resolve_paths(cfg: TrainConfig, # a config whose paths may be relative
-                  base: str | Path | None = None, # the folder they are relative to (default: the repository root)
-                 ) -> TrainConfig:
-    "`cfg` with relative data, weights and run-folder paths made absolute under `base`."
-    fix = lambda p: str(resolve_path(p, base)) if p else p
-    return dataclasses.replace(cfg, source_root=fix(cfg.source_root), target_root=fix(cfg.target_root),
-                               pretrained=fix(cfg.pretrained) or None, init_from=fix(cfg.init_from) or None,
-                               out_dir=fix(cfg.out_dir))
-
-def dacs_config(cfg: TrainConfig) -> DACSConfig:
-    "The self-training part of `cfg`."
-    return DACSConfig(alpha=cfg.alpha, pseudo_threshold=cfg.pseudo_threshold, fd_lambda=cfg.fd_lambda,
-                      num_classes=cfg.num_classes, color_jitter_strength=cfg.color_jitter_strength,
-                      color_jitter_p=cfg.color_jitter_p, blur=cfg.blur, self_training=cfg.self_training,
-                      pseudo_label_overlapping=cfg.pseudo_label_overlapping)
+__all__ = ['INIT_PARTS', 'IterationSampler', 'collate_tensors', 'SyncCrop', 'build_datasets', 'NonFiniteLossError', 'read_log',
+           'RunLog', 'check_finite', 'init_from_run_', 'train', 'train_cli']
 
 # %% ../nbs/06a_train.ipynb #02ae9612
 class IterationSampler(Sampler[int]):
@@ -201,12 +78,6 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, ValDataset]:
     pairs = UDADataset(src, trg, rcs, seed=cfg.seed)
     if cfg.sync_crop_size is not None: pairs = SyncCrop(pairs, cfg.sync_crop_size, cfg.seed)
     return pairs, ValDataset(cfg.target_root, cfg.target, cfg.val_split, scale=cfg.target_scale)
-
-# %% ../nbs/06a_train.ipynb #59fd3251
-def run_dir(cfg: TrainConfig) -> Path:
-    "The run folder of `cfg`."
-    if cfg.out_dir: return Path(cfg.out_dir)
-    return repo_root() / "reports" / cfg.experiment / (cfg.run or f"s{cfg.seed}")
 
 # %% ../nbs/06a_train.ipynb #978c4a5b
 class NonFiniteLossError(FloatingPointError):
@@ -259,18 +130,6 @@ def check_finite(logs: dict[str, float], t: int, checkpoint: Path):
         raise NonFiniteLossError(f"iteration {t}: {', '.join(f'{k} = {logs[k]}' for k in bad)}; training stopped and "
                                  f"{kept}. Lower lr, use precision=bf16 or fp32 instead of fp16, or check the data.")
 
-# %% ../nbs/06a_train.ipynb #e305d436
-def provenance() -> dict[str, Any]:
-    "Git commit (and whether the tree was dirty), versions and machine of this run."
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "machine": platform.machine(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    try:
-        root = repo_root(Path(__file__).parent)
-        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        info["git_commit"], info["git_dirty"] = run("rev-parse", "HEAD") or None, bool(run("status", "--porcelain"))
-    except (FileNotFoundError, subprocess.SubprocessError): info["git_commit"] = None
-    return info
-
 # %% ../nbs/06a_train.ipynb #d395c262
 def _state(student, teacher, optimizer, scaler, generator) -> dict[str, Any]:
     return dict(student=unwrap(student).state_dict(), teacher=teacher.state_dict() if teacher is not None else None,
@@ -307,7 +166,8 @@ def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device)
     path = Path(resume) if isinstance(resume, (str, Path)) else out / "checkpoints" / "latest.pth"
     if resume is False or (resume is True and not path.exists()): return None
     ckpt = load_checkpoint(path, map_location=device)
-    check_compatible(ckpt, config_to_dict(cfg), list(RESUME_KEYS))
+    saved = ckpt["config"]  # compared in the portable form the checkpoint stores; keys it predates are not compared
+    check_compatible(ckpt, portable_record(config_to_dict(cfg)), [k for k in resume_keys() if k in saved])
     return ckpt
 
 def _evaluate(student: nn.Module, val, cfg: TrainConfig, device) -> dict:
@@ -334,14 +194,14 @@ def train(cfg: TrainConfig, # the run
     ckpt = _resume_from(cfg, out, resume, device)
     log = get_logger("hrda.train", out / "train.log" if main else None)
     seed_everything(cfg.seed, deterministic=device.type == "cpu")
-    student = build_segmentor(segmentor_config(cfg)).to(device)
+    student = build_segmentor(narrow(SegmentorConfig, cfg)).to(device)
     if ckpt is None and cfg.init_from:
         fresh = init_from_run_(student, cfg.init_from)
         if main: log.info(f"initialised from {portable_path(cfg.init_from)}" + (f"; {len(fresh)} attention-head tensors start fresh" if fresh else ""))
     teacher = copy.deepcopy(student).requires_grad_(False) if cfg.self_training else None
     imnet = None
     if cfg.fd_lambda > 0 and cfg.pretrained:
-        imnet = build_segmentor(segmentor_config(cfg)).to(device).requires_grad_(False).eval()
+        imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval()
     elif cfg.fd_lambda > 0 and main: log.info("feature distance disabled: it needs ImageNet weights (set pretrained)")
     student = wrap_ddp(student, device, find_unused_parameters=cfg.fixed_attention is not None)
     optimizer = build_optimizer(unwrap(student), cfg.lr, cfg.weight_decay)
@@ -365,7 +225,7 @@ def train(cfg: TrainConfig, # the run
                         num_workers=cfg.workers, collate_fn=collate_tensors, pin_memory=device.type == "cuda",
                         generator=make_generator(cfg.seed, "loader"))
     runlog = RunLog(out, start, cfg.tensorboard) if main else None
-    dcfg, t0, amp_dtype = dacs_config(cfg), time.time(), autocast_dtype(cfg.precision, device)
+    dcfg, t0, amp_dtype = narrow(DACSConfig, cfg), time.time(), autocast_dtype(cfg.precision, device)
     latest = out / "checkpoints" / "latest.pth"
     from tqdm import tqdm  # plain text: tqdm.auto warns in kernels without ipywidgets
     bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and main), desc=cfg.experiment, mininterval=2)

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 
-from hrda.core import load_config, make_generator, seed_everything
+from hrda.core import make_generator, seed_everything
+from hrda.config import load_config
 from hrda.dacs import DACSConfig, dacs_step
 from hrda.distributed import init_distributed, unwrap, wrap_ddp
 from hrda.optim import param_groups
 from hrda.segmentor import build_segmentor
-from hrda.train import IterationSampler, TrainConfig, build_datasets, collate_tensors, segmentor_config, train
+from hrda.train import IterationSampler, build_datasets, collate_tensors, train
+from hrda.config import TrainConfig, narrow
+from hrda.segmentor import SegmentorConfig
 
 # The settings of the tiny benchmark (64x128 images); test_train.py uses the same ones.
 SMALL = dict(source="gta", target="cityscapes", source_scale=None, target_scale=None, crop_size=[64, 64],
@@ -45,7 +48,7 @@ def step_check(data: Path, out: Path, rank: int, world: int):
     batch = collate_tensors([pairs[i] for i in IterationSampler(0, 1, batch_size=world)])  # the global batch of t = 0
     local = {k: v[rank:rank + 1] for k, v in batch.items()}  # what process `rank` gets from IterationSampler(B=1)
     seed_everything(cfg.seed)
-    model = build_segmentor(segmentor_config(cfg))
+    model = build_segmentor(narrow(SegmentorConfig, cfg))
     initial, reference = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
     dcfg = DACSConfig(self_training=False, fd_lambda=0.0)
     ddp = wrap_ddp(model, torch.device("cpu"))

@@ -144,10 +144,9 @@ def test_qualitative_grid_shows_image_truth_and_each_runs_prediction(tmp_path):
 
 def test_attention_figure_from_a_real_prediction_folder(tmp_path):
     from hrda.checkpoint import save_checkpoint
-    from hrda.core import config_to_dict, load_config
+    from hrda.config import TrainConfig, config_to_dict, load_config, narrow
     from hrda.predict import predict_folder
-    from hrda.segmentor import build_segmentor
-    from hrda.train import TrainConfig, segmentor_config
+    from hrda.segmentor import SegmentorConfig, build_segmentor
     cfg = load_config(TrainConfig, overrides={
         "backbone": "cnn", "backbone_kwargs": {"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
         "head_kwargs": {"channels": 16, "embed_dims": 16}, "attention_head_kwargs": {"channels": 16, "embed_dims": 16},
@@ -157,7 +156,7 @@ def test_attention_figure_from_a_real_prediction_folder(tmp_path):
     try:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = build_segmentor(segmentor_config(cfg))
+            model = build_segmentor(narrow(SegmentorConfig, cfg))
         ckpt = save_checkpoint(tmp_path / "c.pth", 1, config_to_dict(cfg), student=model.state_dict())
         img = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
         Image.fromarray(img).save(tmp_path / "scene.png")

@@ -10,9 +10,10 @@ from PIL import Image
 
 import hrda.cli as cli
 from hrda.checkpoint import CheckpointError, save_checkpoint
-from hrda.core import config_to_dict, load_config
+from hrda.config import config_to_dict, load_config
 from hrda.segmentor import build_segmentor
-from hrda.train import TrainConfig, segmentor_config
+from hrda.config import TrainConfig, narrow
+from hrda.segmentor import SegmentorConfig
 from conftest import ROOT
 
 TINY = {"backbone": "cnn", "backbone_kwargs": {"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
@@ -33,7 +34,7 @@ def ckpt(tmp_path_factory):
     cfg = load_config(TrainConfig, overrides=TINY)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = build_segmentor(segmentor_config(cfg))
+        model = build_segmentor(narrow(SegmentorConfig, cfg))
     path = tmp_path_factory.mktemp("runs") / "exp" / "s0" / "checkpoints" / "latest.pth"
     return save_checkpoint(path, 3, config_to_dict(cfg), student=model.state_dict(), teacher=model.state_dict())
 

@@ -19,4 +19,4 @@ def test_docs_build_without_quarto(tmp_path):
         for href in re.findall(r'href="([^"#]+)"', sidebar.group(1)):
             assert (page.parent / href).resolve().exists(), f"{page.name}: broken sidebar link {href}"
     core = (out / "core.html").read_text()
-    assert "load_config" in core and "atomic_write" in core  # the API docs of exported functions are rendered
+    assert "coerce_value" in core and "atomic_write" in core  # the API docs of exported functions are rendered

@@ -8,12 +8,14 @@ import torch
 from PIL import Image
 
 from hrda.checkpoint import CheckpointError, save_checkpoint
-from hrda.core import CLASSES, colorize, config_to_dict, load_config, write_yaml
+from hrda.core import CLASSES, colorize, write_yaml
+from hrda.config import config_to_dict, load_config
 from hrda.evaluation import logits_to_label, read_image, read_label_png
 from hrda.predict import evaluate_checkpoint, load_model, predict_folder, predict_image, prepare_image
 from hrda.released import save_mmseg_checkpoint
 from hrda.segmentor import build_segmentor
-from hrda.train import TrainConfig, segmentor_config
+from hrda.config import TrainConfig, narrow
+from hrda.segmentor import SegmentorConfig
 
 TINY = {"backbone": "cnn", "backbone_kwargs": {"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
         "head_kwargs": {"channels": 16, "embed_dims": 16}, "attention_head_kwargs": {"channels": 16, "embed_dims": 16},
@@ -25,9 +27,9 @@ def tiny_models(seed=0, **kw):
     cfg = load_config(TrainConfig, overrides={**TINY, **kw})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        student = build_segmentor(segmentor_config(cfg))
+        student = build_segmentor(narrow(SegmentorConfig, cfg))
         torch.manual_seed(seed + 1)
-        teacher = build_segmentor(segmentor_config(cfg))
+        teacher = build_segmentor(narrow(SegmentorConfig, cfg))
     return cfg, student, teacher
 
 

@@ -13,10 +13,12 @@ import torch
 
 from conftest import ROOT
 from hrda.checkpoint import CheckpointError, load_checkpoint
-from hrda.core import ConfigError, load_config
+from hrda.core import ConfigError
+from hrda.config import load_config
 from hrda.synth import SYNTH_TRAIN_IDS, generate_benchmark, prepare_synth
 import hrda.train
-from hrda.train import NonFiniteLossError, TrainConfig, read_log, train, train_cli
+from hrda.train import NonFiniteLossError, read_log, train, train_cli
+from hrda.config import TrainConfig
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ddp_worker import SMALL  # noqa: E402  (the tiny model and crop settings, shared with the torchrun worker)
