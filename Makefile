@@ -18,7 +18,7 @@ $(STAMP): requirements.txt settings.ini setup.py
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
-	$(BIN)/python -m ipykernel install --user --name hrda --display-name "Python (hrda)" >/dev/null
+	$(BIN)/python -m ipykernel install --sys-prefix --name hrda --display-name "Python (hrda)" >/dev/null
 	@if [ -d .git ]; then $(BIN)/nbdev_install_hooks >/dev/null 2>&1 || echo "note: nbdev git hooks not installed"; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -39,8 +39,9 @@ grid: setup
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# JUPYTER_PATH first: this clone's `hrda` kernel (in .venv) wins over one another clone installed for the user
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir nbs
+	JUPYTER_PATH=$(abspath $(VENV))/share/jupyter $(BIN)/jupyter lab --notebook-dir nbs $(if $(filter 0,$(shell id -u)),--allow-root)
 
 export: setup
 	$(BIN)/nbdev_export

@@ -24,8 +24,8 @@ from .segmentor import SegmentorConfig
 
 # %% auto #0
 __all__ = ['RUN_ONLY', 'PARTS', 'parse_overrides', 'load_config', 'config_to_dict', 'RunOptions', 'DataOptions', 'OptimOptions',
-           'TrainConfig', 'narrow', 'resume_keys', 'options_table', 'seed_run_name', 'run_dir', 'resolve_paths',
-           'provenance']
+           'TrainConfig', 'narrow', 'resume_keys', 'options_table', 'seed_run_name', 'run_name', 'run_dir',
+           'resolve_paths', 'provenance']
 
 # %% ../nbs/05c_config.ipynb #9fd7c3af
 def parse_overrides(overrides: Sequence[str] | dict | None, # ['key=value', ...] or a dict
@@ -181,10 +181,14 @@ def seed_run_name(seed: int) -> str:
     "The default run name of a seed: 's<seed>'."
     return f"s{seed}"
 
+def run_name(cfg: TrainConfig) -> str:
+    "The run name of `cfg`: `run`, or 's<seed>' when it is empty."
+    return cfg.run or seed_run_name(cfg.seed)
+
 def run_dir(cfg: TrainConfig) -> Path:
     "The run folder of `cfg`."
     if cfg.out_dir: return Path(cfg.out_dir)
-    return repo_root() / "reports" / cfg.experiment / (cfg.run or seed_run_name(cfg.seed))
+    return repo_root() / "reports" / cfg.experiment / run_name(cfg)
 
 def resolve_paths(cfg: TrainConfig, # a config whose paths may be relative
                   base: str | Path | None = None, # the folder they are relative to (default: the repository root)

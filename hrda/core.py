@@ -24,11 +24,11 @@ import torch
 import yaml
 
 # %% auto #0
-__all__ = ['Precision', 'PRECISIONS', 'IGNORE_INDEX', 'CLASSES', 'PALETTE', 'CLASS_SUBSETS', 'THING_CLASSES', 'derive_seed',
-           'make_generator', 'seed_everything', 'generator_state', 'restore_generator', 'get_device', 'autocast_dtype',
-           'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'read_yaml', 'repo_root', 'portable_path',
-           'resolve_path', 'portable_record', 'atomic_write', 'write_text', 'write_json', 'write_yaml', 'save_torch',
-           'get_logger']
+__all__ = ['Precision', 'PRECISIONS', 'IGNORE_INDEX', 'MEAN', 'STD', 'CLASSES', 'PALETTE', 'CLASS_SUBSETS', 'THING_CLASSES',
+           'derive_seed', 'make_generator', 'seed_everything', 'generator_state', 'restore_generator', 'get_device',
+           'autocast_dtype', 'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'read_yaml', 'repo_root',
+           'portable_path', 'resolve_path', 'portable_record', 'atomic_write', 'write_text', 'write_json', 'write_yaml',
+           'save_torch', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #7d9089f2
 def derive_seed(seed: int, # the run seed
@@ -104,6 +104,8 @@ def autocast_dtype(precision: Precision, # one of PRECISIONS
 
 # %% ../nbs/00_core.ipynb #e87cc3be
 IGNORE_INDEX = 255  # label value of pixels that are never scored nor trained on
+MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)  # ImageNet mean of 0..255 RGB images: every model input is normalised with it
+STD: tuple[float, float, float] = (58.395, 57.12, 57.375)  # ImageNet standard deviation, RGB
 
 CLASSES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import IGNORE_INDEX
-from .datasets import MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
+from .core import IGNORE_INDEX, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
 # %% auto #0
 __all__ = ['FD_CLASSES', 'JITTER_OPS', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_',

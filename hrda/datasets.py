@@ -18,14 +18,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .core import IGNORE_INDEX, make_generator, read_yaml
+from .core import IGNORE_INDEX, MEAN, STD, make_generator, read_yaml
 from .convert import PREPARE_COMMANDS, DataPrepError
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'MEAN', 'STD', 'Layout', 'dataset_layout', 'find_samples', 'read_image', 'read_label', 'normalize',
-           'denormalize', 'PipelineConfig', 'hrda_pipeline', 'rescale_size', 'random_crop_box', 'crop_box_cat_max',
-           'margin_mask', 'train_transform', 'SegDataset', 'RCSConfig', 'load_class_stats', 'rcs_class_probs',
-           'RareClassSampler', 'UDADataset', 'ValDataset']
+__all__ = ['LAYOUTS', 'Layout', 'dataset_layout', 'find_samples', 'read_image', 'read_label', 'normalize', 'denormalize',
+           'PipelineConfig', 'hrda_pipeline', 'rescale_size', 'random_crop_box', 'crop_box_cat_max', 'margin_mask',
+           'train_transform', 'SegDataset', 'RCSConfig', 'load_class_stats', 'rcs_class_probs', 'RareClassSampler',
+           'UDADataset', 'ValDataset']
 
 # %% ../nbs/01a_datasets.ipynb #778bd966
 @dataclass(frozen=True)
@@ -75,9 +75,6 @@ def find_samples(root: str | Path, # the prepared dataset root
     return pairs
 
 # %% ../nbs/01a_datasets.ipynb #dd6ff488
-MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)  # ImageNet mean, RGB
-STD: tuple[float, float, float] = (58.395, 57.12, 57.375)  # ImageNet std, RGB
-
 def read_image(path: str | Path) -> np.ndarray:
     "An (H, W, 3) uint8 RGB image."
     img = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) else None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from .analysis import FINE_CLASSES, fine_miou
 from .core import CLASSES, portable_path, repo_root, resolve_path, write_json, write_text
-from .config import load_config
+from .config import load_config, seed_run_name
 
 # %% auto #0
 __all__ = ['METHODS', 'WARM_START', 'BRANCHES', 'LOCAL_DIR', 'REFERENCE_DIR', 'REFERENCE_SEEDS', 'run_folder', 'training_order',
@@ -42,7 +42,7 @@ def run_folder(out_dir: str | Path, # a demo (or experiment) folder
                seed: int, # training seed
               ) -> Path:
     "The run folder of `method` and `seed`: <out_dir>/<method>/s<seed>."
-    return Path(out_dir) / method / f"s{seed}"
+    return Path(out_dir) / method / seed_run_name(seed)
 
 def training_order(methods: Sequence[str]) -> list[str]:
     "`methods` with the runs they start from added, each after what it needs."

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from .core import ConfigError, read_yaml, repo_root
-from .config import load_config
-from .config import TrainConfig, narrow
+from .config import TrainConfig, load_config, narrow, seed_run_name
 from .segmentor import SegmentorConfig
 
 # %% auto #0
@@ -33,7 +32,7 @@ class GridRun:
 
     def settings(self) -> dict:
         "Every key the run sets on top of its experiment file (overrides, seed, names, run folder)."
-        return {**self.overrides, "experiment": self.id, "run": f"s{self.seed}", "seed": self.seed,
+        return {**self.overrides, "experiment": self.id, "run": seed_run_name(self.seed), "seed": self.seed,
                 "out_dir": str(self.out_dir)}
 
 def _grid_error(path: Path, msg: str) -> ConfigError: return ConfigError(f"grid {path}: {msg}")
@@ -76,7 +75,7 @@ def expand_grid(path: str | Path, # a grid YAML (with `runs:`) or a plain experi
         try: narrow(SegmentorConfig, cfg := load_config(TrainConfig, config, spec.get("set") or {}))  # model checks too
         except ValueError as e: raise _grid_error(path, f"run {spec['id']}: {e}") from None
         for seed in (seeds if seeds is not None else data.get("seeds") or [cfg.seed]):
-            runs.append(GridRun(spec["id"], config, int(seed), folder / spec["id"] / f"s{seed}", dict(spec.get("set") or {})))
+            runs.append(GridRun(spec["id"], config, int(seed), folder / spec["id"] / seed_run_name(seed), dict(spec.get("set") or {})))
     return runs
 
 # %% ../nbs/06b_grid.ipynb #352be7c4

@@ -18,16 +18,14 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_overrides, provenance, resolve_paths,
+                         run_name)
 from .core import CLASSES, IGNORE_INDEX, atomic_write, get_device, get_logger, write_json, write_text
-from .config import config_to_dict, load_config, parse_overrides
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, ImageReadError, evaluate, logits_to_label, metrics_table, read_image,
-                             save_color_png,
-                             save_label_png, save_metrics, save_overlay, summary_line)
+                             save_color_png, save_label_png, save_metrics, save_overlay, summary_line)
 from .released import ReleasedCheckpointError, load_released_checkpoint, save_mmseg_checkpoint
-from .segmentor import Segmentor, build_segmentor, resize
-from .config import TrainConfig, narrow, provenance, resolve_paths
-from .segmentor import SegmentorConfig
+from .segmentor import Segmentor, SegmentorConfig, build_segmentor, resize
 
 # %% auto #0
 __all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'load_model', 'input_size', 'prepare_image', 'predict_image', 'list_images',
@@ -317,7 +315,7 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
     metrics = evaluate(predict, data, cfg.num_classes, _device_of(model), progress=progress,
                        class_ids=getattr(cfg, "eval_classes", None), on_prediction=on_prediction, num_workers=num_workers)
     if save_predictions: write_json(out / "predictions" / "index.json", index)
-    result = {"checkpoint": loaded.info, "experiment": cfg.experiment, "run": cfg.run or f"s{cfg.seed}",
+    result = {"checkpoint": loaded.info, "experiment": cfg.experiment, "run": run_name(cfg),
               "data_root": str(data_root), "dataset": dataset, "split": split, "scale": scale,
               "mode": mode or model.cfg.test_mode, "wall_time_s": round(time.time() - t0, 1), **metrics,
               **(scorer.compute(getattr(cfg, "eval_classes", None)) if scorer is not None else {}),

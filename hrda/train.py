@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from .backbones import load_shape_checked
 from .checkpoint import check_compatible, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, provenance, resolve_paths, resume_keys,
-                         run_dir)
+                         run_dir, run_name)
 from .core import (ConfigError, autocast_dtype, get_logger, make_generator, portable_path, portable_record,
                        resolve_path, seed_everything, write_json, write_text, write_yaml)
 from .dacs import DACSConfig, dacs_step
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, # the run
     prov, previous = provenance(), out / "metrics.json"
     if done == start and ckpt is not None and previous.is_file():  # nothing trained now: keep who trained the run
         prov = json.loads(previous.read_text()).get("provenance", prov)
-    result = {"experiment": cfg.experiment, "run": cfg.run or f"s{cfg.seed}", "iterations": done,
+    result = {"experiment": cfg.experiment, "run": run_name(cfg), "iterations": done,
               "finished": done >= cfg.iters, "wall_time_s": round(seconds + time.time() - t0, 1), "world_size": world,
               "final": evals[-1] if evals else None, "evals": evals, "config": config_to_dict(cfg),
               "provenance": prov}

@@ -41,6 +41,15 @@ def test_readme_drift_is_caught(repo_copy):
         "README.md differs from nbs/index.ipynb: edit the notebook, not README.md, then run `make export`"]
 
 
+def test_every_notebook_asks_for_the_kernel_of_its_clone():
+    notebooks = sorted((ROOT / "nbs").rglob("*.ipynb"))
+    wrong = [str(p.relative_to(ROOT)) for p in notebooks
+             if json.loads(p.read_text())["metadata"].get("kernelspec", {}).get("name") != "hrda"]
+    assert notebooks and not wrong, f"notebooks that do not ask for the hrda kernel: {wrong}"
+    make = (ROOT / "Makefile").read_text()
+    assert "ipykernel install --sys-prefix --name hrda" in make and "JUPYTER_PATH=" in make  # per clone, not per user
+
+
 def test_code_map_lists_every_notebook_and_its_module():
     readme = readme_text(ROOT)
     for nb in list_notebooks(ROOT):
