@@ -18,8 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .core import CLASSES, atomic_write, colorize, get_logger, resolve_path, write_json, write_text
-from .evaluation import metrics_table, read_image, read_label_png
+from .core import CLASSES, atomic_write, colorize, get_logger, read_image, resolve_path, write_json, write_text
+from .evaluation import metrics_table, read_label_png
 
 # %% auto #0
 __all__ = ['SUMMARY_KEYS', 'FINE_CLASSES', 'MAX_DPI', 'DPI', 'THIN_CLASSES', 'Run', 'read_jsonl', 'load_run', 'find_runs',

@@ -22,13 +22,14 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 import yaml
+from PIL import Image, ImageOps
 
 # %% auto #0
 __all__ = ['Precision', 'PRECISIONS', 'IGNORE_INDEX', 'MEAN', 'STD', 'CLASSES', 'PALETTE', 'CLASS_SUBSETS', 'THING_CLASSES',
            'derive_seed', 'make_generator', 'seed_everything', 'generator_state', 'restore_generator', 'get_device',
            'autocast_dtype', 'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'read_yaml', 'repo_root',
            'portable_path', 'resolve_path', 'portable_record', 'atomic_write', 'write_text', 'write_json', 'write_yaml',
-           'save_torch', 'get_logger']
+           'save_torch', 'ImageReadError', 'read_image', 'check_label_values', 'read_label', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #7d9089f2
 def derive_seed(seed: int, # the run seed
@@ -303,6 +304,64 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     "`torch.save` to `path` atomically."
     with atomic_write(path, "wb") as f: torch.save(obj, f)
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #4a14505d
+class ImageReadError(OSError):
+    "An image or label file that is missing, truncated, not an image, or not in the expected format."
+
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL modes of 16-bit (and 32-bit integer) single-channel images
+
+def _open_error(path: Path, e: Exception, what: str) -> ImageReadError:
+    reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+    return ImageReadError(f"cannot read {what} {path} ({reason}); it is missing, truncated or not an image: replace or "
+                          "remove it")
+
+def read_image(path: str | Path, # an image file (PNG, JPEG, ...): grey, palette, RGB(A), 8 or 16 bits
+              ) -> np.ndarray:
+    "The (H, W, 3) uint8 RGB pixels of `path` (EXIF rotation applied, 16 bits scaled to 8), or an `ImageReadError`."
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in _WIDE_MODES:  # convert("RGB") would clip these to 255: keep the top 8 of 16 bits
+                grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB")).copy()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise _open_error(path, e, "image") from e
+
+def check_label_values(label: np.ndarray, # (H, W) train ids
+                       num_classes: int, # C: valid values are 0..C-1 and IGNORE_INDEX
+                       where: str | Path = "label", # the file, for the message
+                      ) -> np.ndarray:
+    "`label`, or a `ValueError` that counts the pixels outside 0..C-1 ∪ {255} and says how to fix them."
+    bad = (label >= num_classes) & (label != IGNORE_INDEX)
+    if not bad.any(): return label
+    values = np.unique(label[bad])
+    hint = (" They look like Cityscapes label ids (0-33), not train ids: convert the labels first "
+            "(`hrda prepare cityscapes ROOT` writes *_labelTrainIds.png)." if values.max() <= 33 else
+            " Convert the labels to train ids (`hrda prepare ...`) or check num_classes.")
+    raise ValueError(f"{where}: {int(bad.sum())} pixels have values {values[:8].tolist()} outside the train ids "
+                     f"0..{num_classes - 1} and the ignore label {IGNORE_INDEX}.{hint}")
+
+def read_label(path: str | Path, # a single-channel 8-bit train-id PNG
+               num_classes: int | None = None, # C: also check that every value is in 0..C-1 or IGNORE_INDEX
+              ) -> np.ndarray:
+    "The (H, W) uint8 train ids of a label PNG, or an error for a file that is unreadable, not 8-bit single-channel, or off-range."
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, label = im.mode, np.asarray(im)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise _open_error(path, e, "the label") from e
+    if mode not in ("L", "P"):
+        kind = "16-bit" if mode in _WIDE_MODES else f"{mode} ({label.shape[2] if label.ndim == 3 else 1} channels)"
+        raise ImageReadError(f"{path}: a {kind} label; train-id labels are single-channel 8-bit PNGs (values 0..C-1, "
+                             f"{IGNORE_INDEX} ignored): convert the dataset with `hrda prepare`")
+    label = label.astype(np.uint8, copy=False)
+    return label if num_classes is None else check_label_values(label, num_classes, path)
 
 # %% ../nbs/00_core.ipynb #66e5da12
 def get_logger(name: str = "hrda", # logger name

@@ -15,17 +15,16 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from .core import IGNORE_INDEX, MEAN, STD, make_generator, read_yaml
+from .core import IGNORE_INDEX, MEAN, STD, make_generator, read_image, read_label, read_yaml
 from .convert import PREPARE_COMMANDS, DataPrepError
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'Layout', 'dataset_layout', 'find_samples', 'read_image', 'read_label', 'normalize', 'denormalize',
-           'PipelineConfig', 'hrda_pipeline', 'rescale_size', 'random_crop_box', 'crop_box_cat_max', 'margin_mask',
-           'train_transform', 'SegDataset', 'RCSConfig', 'load_class_stats', 'rcs_class_probs', 'RareClassSampler',
-           'UDADataset', 'ValDataset']
+__all__ = ['LAYOUTS', 'Layout', 'dataset_layout', 'find_samples', 'check_pair', 'normalize', 'denormalize', 'PipelineConfig',
+           'hrda_pipeline', 'rescale_size', 'random_crop_box', 'crop_box_cat_max', 'margin_mask', 'train_transform',
+           'SegDataset', 'RCSConfig', 'load_class_stats', 'rcs_class_probs', 'RareClassSampler', 'UDADataset',
+           'ValDataset']
 
 # %% ../nbs/01a_datasets.ipynb #778bd966
 @dataclass(frozen=True)
@@ -75,17 +74,11 @@ def find_samples(root: str | Path, # the prepared dataset root
     return pairs
 
 # %% ../nbs/01a_datasets.ipynb #dd6ff488
-def read_image(path: str | Path) -> np.ndarray:
-    "An (H, W, 3) uint8 RGB image."
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-    if img is None: raise DataPrepError(f"cannot read the image {path} (missing, empty or not an image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-def read_label(path: str | Path) -> np.ndarray:
-    "An (H, W) uint8 train-id label."
-    try:
-        with Image.open(path) as im: return np.asarray(im).astype(np.uint8)
-    except OSError as e: raise DataPrepError(f"cannot read the label {path} ({e}); run the data_prep command again") from None
+def check_pair(img: np.ndarray, label: np.ndarray, img_path: str | Path, label_path: str | Path):
+    "A `DataPrepError` when an (H, W, 3) image and its (H, W) label differ in size."
+    if label.shape != img.shape[:2]:
+        raise DataPrepError(f"the label {label_path} is {label.shape[1]}x{label.shape[0]} but its image {img_path} is "
+                            f"{img.shape[1]}x{img.shape[0]}; prepare the dataset again or remove the pair")
 
 def normalize(img: np.ndarray, # (H, W, 3) uint8 RGB
               mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
@@ -232,9 +225,7 @@ class SegDataset(Dataset):
         if self.cache is not None and i in self.cache: return self.cache[i]
         img_path, label_path = self.files[i]
         img, label = read_image(img_path), read_label(label_path)
-        if label.shape != img.shape[:2]:
-            raise DataPrepError(f"the label {label_path} is {label.shape[1]}x{label.shape[0]} but its image {img_path} is "
-                                f"{img.shape[1]}x{img.shape[0]}; prepare the dataset again or remove the pair")
+        check_pair(img, label, img_path, label_path)
         if self.cache is not None:
             img.flags.writeable = label.flags.writeable = False  # the pipeline must never change a cached array
             self.cache[i] = (img, label)
@@ -340,15 +331,19 @@ class ValDataset(Dataset):
                  dataset: str = "cityscapes", # 'gta', 'synthia', 'cityscapes' or 'custom'
                  split: str = "val", # Cityscapes split
                  scale: tuple[int, int] | None = (2048, 1024), # test scale (long, short); None: original size
-                 mean: tuple[float, float, float] = MEAN, std: tuple[float, float, float] = STD):
+                 mean: tuple[float, float, float] = MEAN, std: tuple[float, float, float] = STD,
+                 num_classes: int | None = 19, # C: ground-truth values outside 0..C-1 and 255 are an error (None: unchecked)
+                ):
         self.files, self.scale, self.mean, self.std = find_samples(root, dataset, split), scale, mean, std
+        self.num_classes = num_classes
         self.suffix = dataset_layout(root, dataset).img_suffix
 
     def __len__(self) -> int: return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
         img_path, label_path = self.files[i]
-        img, gt = read_image(img_path), read_label(label_path)
+        img, gt = read_image(img_path), read_label(label_path, self.num_classes)
+        check_pair(img, gt, img_path, label_path)
         if self.scale is not None:
             size = rescale_size(img.shape[1], img.shape[0], self.scale)
             if size != (img.shape[1], img.shape[0]): img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)

@@ -14,16 +14,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .core import CLASSES, IGNORE_INDEX, PALETTE, atomic_write, class_subset, colorize, get_device, write_json
+from .core import (CLASSES, IGNORE_INDEX, PALETTE, ImageReadError, atomic_write, class_subset, colorize, get_device,
+                       write_json)
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'iou_acc', 'segmentation_metrics', 'ConfusionMeter', 'logits_to_label', 'evaluate',
            'metrics_table', 'save_metrics', 'load_metrics', 'save_label_png', 'save_color_png', 'overlay',
-           'save_overlay', 'ImageReadError', 'read_image', 'read_label_png', 'summary_line']
+           'save_overlay', 'read_label_png', 'summary_line']
 
 # %% ../nbs/07_eval.ipynb #197b1573
 def confusion_matrix(pred: torch.Tensor | np.ndarray, # predicted train ids, any shape, e.g. (B, H, W)
@@ -305,22 +306,6 @@ def save_overlay(image_rgb: torch.Tensor | np.ndarray, # (H, W, 3) uint8 RGB ima
     return _save_png(overlay(image_rgb, label, alpha, palette), path)
 
 # %% ../nbs/07_eval.ipynb #77d45a90
-class ImageReadError(OSError):
-    "An image file that is missing, truncated or not an image."
-
-def read_image(path: str | Path, # an image file (PNG, JPEG, ...)
-              ) -> np.ndarray:
-    "The (H, W, 3) uint8 RGB pixels of `path` (EXIF rotation applied), or an `ImageReadError` naming the file."
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
-        raise ImageReadError(f"cannot read image {path} ({reason}); it is missing, truncated or not an image: "
-                             "replace or remove it") from e
-
 def read_label_png(path: str | Path) -> np.ndarray:
     "The (H, W) int64 train ids of a label PNG written by `save_label_png` (or a Cityscapes labelTrainIds file)."
     path = Path(path)

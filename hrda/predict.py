@@ -20,10 +20,11 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_overrides, provenance, resolve_paths,
                          run_name)
-from .core import CLASSES, IGNORE_INDEX, atomic_write, get_device, get_logger, write_json, write_text
+from .core import (CLASSES, IGNORE_INDEX, ImageReadError, atomic_write, get_device, get_logger, read_image, write_json,
+                       write_text)
 from .datasets import ValDataset, normalize, rescale_size
-from .evaluation import (ConfusionMeter, ImageReadError, evaluate, logits_to_label, metrics_table, read_image,
-                             save_color_png, save_label_png, save_metrics, save_overlay, summary_line)
+from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
+                             save_metrics, save_overlay, summary_line)
 from .released import ReleasedCheckpointError, load_released_checkpoint, save_mmseg_checkpoint
 from .segmentor import Segmentor, SegmentorConfig, build_segmentor, resize
 
@@ -296,7 +297,7 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
     data_root, dataset, split = data_root or cfg.target_root, dataset or cfg.target, split or cfg.val_split
     scale = cfg.target_scale if scale == "config" else scale
     out = Path(out_dir) if out_dir is not None else default_eval_dir(loaded.info["path"])
-    val = ValDataset(data_root, dataset, split, scale=scale)
+    val = ValDataset(data_root, dataset, split, scale=scale, num_classes=cfg.num_classes)
     data = Subset(val, range(min(max_images, len(val)))) if max_images else val
     index, labels_of = {}, dict(val.files)
     def write(name: str, label: torch.Tensor, item: dict):
@@ -340,7 +341,8 @@ def attention_by_class(checkpoint: str | Path | LoadedModel, # an HRDA checkpoin
     if cfg.single_scale is not None:
         raise ValueError(f"{loaded.info['path']} is a single-scale model (single_scale={cfg.single_scale}): it has no "
                          "scale attention; pass an HRDA checkpoint")
-    val = ValDataset(data_root or cfg.target_root, dataset or cfg.target, split or cfg.val_split, scale=cfg.target_scale)
+    val = ValDataset(data_root or cfg.target_root, dataset or cfg.target, split or cfg.val_split, scale=cfg.target_scale,
+                     num_classes=cfg.num_classes)
     n, dev, scorer = min(max_images, len(val)) if max_images else len(val), _device_of(model), BranchScorer(cfg.num_classes)
     with torch.no_grad():
         for i in tqdm(range(n), desc="attention", disable=not progress):

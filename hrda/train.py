@@ -77,7 +77,8 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, ValDataset]:
     rcs = RCSConfig(cfg.rcs_temperature, cfg.rcs_min_pixels, cfg.rcs_min_crop_ratio) if cfg.rcs else None
     pairs = UDADataset(src, trg, rcs, seed=cfg.seed)
     if cfg.sync_crop_size is not None: pairs = SyncCrop(pairs, cfg.sync_crop_size, cfg.seed)
-    return pairs, ValDataset(cfg.target_root, cfg.target, cfg.val_split, scale=cfg.target_scale)
+    return pairs, ValDataset(cfg.target_root, cfg.target, cfg.val_split, scale=cfg.target_scale,
+                             num_classes=cfg.num_classes)
 
 # %% ../nbs/06a_train.ipynb #978c4a5b
 class NonFiniteLossError(FloatingPointError):

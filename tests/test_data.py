@@ -441,6 +441,25 @@ def test_validation_dataset(tmp_path):
     assert ValDataset(root, "cityscapes", "val", scale=None)[0]["img"].shape == (3, 16, 32)
 
 
+
+def test_validation_labels_that_are_not_train_ids_or_do_not_fit_their_image_are_errors(tmp_path):
+    root = tmp_path / "cs"
+    labels = write_cityscapes(root)
+    prepare_cityscapes(root, workers=0, progress=False)
+    name = "frankfurt_000001_000019"
+    trainids = root / "gtFine" / "val" / "frankfurt" / f"{name}_gtFine_labelTrainIds.png"
+    Image.fromarray(labels[f"val/frankfurt/{name}"]).save(trainids)  # raw label ids where train ids belong
+    val = ValDataset(root, "cityscapes", "val", scale=None)
+    with pytest.raises(ValueError, match=r"pixels have values .* outside the train ids 0..18.*hrda prepare cityscapes"):
+        val[1]
+    assert ValDataset(root, "cityscapes", "val", scale=None, num_classes=None)[1]["gt"].shape == (16, 32)  # unchecked
+    Image.fromarray(np.zeros((8, 32), np.uint8)).save(trainids)
+    with pytest.raises(ValueError, match="is 32x8 but its image .* is 32x16"):
+        val[1]
+    Image.fromarray(np.zeros((16, 32), np.uint16)).save(trainids)
+    with pytest.raises(OSError, match="a 16-bit label"):
+        val[1]
+
 # ---------------------------------------------------------------- rare class sampling and pairs
 
 

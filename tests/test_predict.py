@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from hrda.checkpoint import CheckpointError, save_checkpoint
-from hrda.core import CLASSES, colorize, write_yaml
+from hrda.core import CLASSES, colorize, read_image, write_yaml
 from hrda.config import config_to_dict, load_config
-from hrda.evaluation import logits_to_label, read_image, read_label_png
+from hrda.evaluation import logits_to_label, read_label_png
 from hrda.predict import evaluate_checkpoint, load_model, predict_folder, predict_image, prepare_image
 from hrda.released import save_mmseg_checkpoint
 from hrda.segmentor import build_segmentor
