@@ -311,25 +311,25 @@ class ImageReadError(OSError):
 
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL modes of 16-bit (and 32-bit integer) single-channel images
 
-def _open_error(path: Path, e: Exception, what: str) -> ImageReadError:
-    reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
-    return ImageReadError(f"cannot read {what} {path} ({reason}); it is missing, truncated or not an image: replace or "
-                          "remove it")
+def _decoded(path: Path, what: str):
+    "The fully decoded PIL image of `path` (closed file), or an `ImageReadError` that names the file and the fix."
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)  # a rotated copy, or a plain copy without EXIF orientation
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        reason = "file not found" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+        raise ImageReadError(f"cannot read {what} {path} ({reason}); it is missing, truncated or not an image: "
+                             "replace or remove it") from e
 
 def read_image(path: str | Path, # an image file (PNG, JPEG, ...): grey, palette, RGB(A), 8 or 16 bits
               ) -> np.ndarray:
     "The (H, W, 3) uint8 RGB pixels of `path` (EXIF rotation applied, 16 bits scaled to 8), or an `ImageReadError`."
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in _WIDE_MODES:  # convert("RGB") would clip these to 255: keep the top 8 of 16 bits
-                grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2)
-            return np.asarray(im.convert("RGB")).copy()
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise _open_error(path, e, "image") from e
+    im = _decoded(Path(path), "image")
+    if im.mode in _WIDE_MODES:  # convert("RGB") would clip these to 255: keep the top 8 of 16 bits
+        grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB")).copy()
 
 def check_label_values(label: np.ndarray, # (H, W) train ids
                        num_classes: int, # C: valid values are 0..C-1 and IGNORE_INDEX
@@ -350,12 +350,8 @@ def read_label(path: str | Path, # a single-channel 8-bit train-id PNG
               ) -> np.ndarray:
     "The (H, W) uint8 train ids of a label PNG, or an error for a file that is unreadable, not 8-bit single-channel, or off-range."
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode, label = im.mode, np.asarray(im)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise _open_error(path, e, "the label") from e
+    im = _decoded(path, "the label")
+    mode, label = im.mode, np.asarray(im)
     if mode not in ("L", "P"):
         kind = "16-bit" if mode in _WIDE_MODES else f"{mode} ({label.shape[2] if label.ndim == 3 else 1} channels)"
         raise ImageReadError(f"{path}: a {kind} label; train-id labels are single-channel 8-bit PNGs (values 0..C-1, "

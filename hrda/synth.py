@@ -190,7 +190,9 @@ TARGET_STYLE = Style(
         sky_top=((150, 158, 168),), sky_horizon=((205, 208, 210),),
         ground=((78, 80, 82), (70, 72, 76), (84, 82, 80)), kerb=((130, 132, 130),), marking=((185, 188, 182),),
         building=((120, 110, 100), (140, 130, 118), (110, 90, 80), (150, 148, 140), (95, 90, 88), (130, 100, 85)),
-        window=((45, 50, 58),), vegetation=((60, 90, 45), (75, 100, 50), (50, 80, 40)),
+        window=((55, 72, 100),),  # the source's blue-grey, darkened like the other blues: as dark as car glass, near
+        # facades read as cars to the detail branch, a confusion no source label can teach it away
+        vegetation=((60, 90, 45), (75, 100, 50), (50, 80, 40)),
         pole=((55, 56, 58),), sign=((195, 175, 60), (50, 75, 150), (195, 195, 190), (165, 55, 50)),
         light_box=((28, 28, 30),), lamp=((220, 80, 60), (220, 180, 70), (80, 200, 110)),
         skin=((215, 180, 155), (175, 135, 110), (125, 95, 75)),
