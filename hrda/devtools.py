@@ -25,8 +25,8 @@ from .core import repo_root, write_text
 
 # %% auto #0
 __all__ = ['FIX_EXPORT', 'FIX_CLEAN', 'FIX_README', 'README_HEADER', 'MACHINE_PATH', 'WARNING_TEXT', 'SIDEBAR_CSS',
-           'list_notebooks', 'exported_module', 'sync_problems', 'readme_text', 'write_readme', 'tracked_files',
-           'portability_problems', 'page_name', 'build_docs']
+           'QUARTO_ATTRS', 'list_notebooks', 'exported_module', 'sync_problems', 'readme_text', 'write_readme',
+           'tracked_files', 'portability_problems', 'page_name', 'build_docs']
 
 # %% ../nbs/99_devtools.ipynb #54327a53
 def list_notebooks(root: str | Path | None = None, # repository root (default: found from the current folder)
@@ -189,11 +189,18 @@ def _sidebar(pages: list[tuple[str, str]], current: str) -> str:
     up = "../" * current.count("/")
     links, group = [], ""
     for page, title in pages:
+        if page == "index.html": continue  # the sidebar's head links there
         g = page.rsplit("/", 1)[0] if "/" in page else ""
         if g != group: links.append(f'<div class="group">{html.escape(g)}</div>'); group = g
         cls = ' class="active"' if page == current else ""
         links.append(f'<a href="{up}{page}"{cls}>{html.escape(title)}</a>')
     return f'<nav class="hrda-sidebar"><a href="{up}index.html"><b>hrda</b></a>{"".join(links)}</nav>'
+
+QUARTO_ATTRS = re.compile(r"(\]\([^)\s]*\))\{[^}\n]*\}")  # `[source](url){target="_blank" ...}`: Quarto link attributes
+
+def _plain_markdown(text: str) -> str:
+    "Markdown without Quarto's link attributes, which other renderers show as literal text."
+    return QUARTO_ATTRS.sub(r"\1", text)
 
 def _for_nbconvert(nb):
     "Turn nbdev's quarto-flavoured processed notebook into one nbconvert renders well: title, hidden inputs."
@@ -210,11 +217,14 @@ def _for_nbconvert(nb):
             if re.search(r"^#\|\s*echo:\s*false", cell.source, re.M):
                 cell.metadata["transient"] = {"remove_source": True}
             cell.source = _strip_directives(cell.source)
+            for out in cell.get("outputs", []):
+                if "text/markdown" in out.get("data", {}): out["data"]["text/markdown"] = _plain_markdown(out["data"]["text/markdown"])
+        if cell.cell_type == "markdown": cell.source = _plain_markdown(cell.source)
         cells.append(cell)
     nb.cells = cells
     return nb
 
-def _render_pages(proc: Path, out: Path, doc_url: str) -> list[Path]:
+def _render_pages(proc: Path, out: Path, doc_url: str, root: Path) -> list[Path]:
     from nbconvert import HTMLExporter
     exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
     notebooks = sorted(proc.rglob("*.ipynb"), key=lambda p: (p.name != "index.ipynb", p.as_posix()))
@@ -227,7 +237,18 @@ def _render_pages(proc: Path, out: Path, doc_url: str) -> list[Path]:
         body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _sidebar(pages, page), body, count=1)
         body = body.replace("</head>", SIDEBAR_CSS + "</head>", 1)
         written.append(write_text(out / page, body))
+        _copy_local_images(body, page, root, out)
     return written
+
+def _copy_local_images(body: str, page: str, root: Path, out: Path):
+    "Copy the repository files a page shows by a relative `src` (e.g. the README's report figure) next to it."
+    for src in re.findall(r'<img[^>]+src="([^"]+)"', body):
+        if re.match(r"^[a-z]+:|^/|^#", src): continue  # remote, absolute or inline
+        target = (out / page).parent / src
+        source = root / src if page == "index.html" else root / "nbs" / Path(page).parent / src
+        if source.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
 
 def _split_import_cells(nb) -> bool:
     "Split code cells that mix imports with other code: nbdev's docs processor runs every cell holding an import."
@@ -280,6 +301,6 @@ def build_docs(root: str | Path | None = None, # repository root
     if out.exists(): shutil.rmtree(out)
     cfg = configparser.ConfigParser(delimiters=["="])
     cfg.read(root / "settings.ini")
-    _render_pages(proc, out, cfg["DEFAULT"]["doc_host"] + cfg["DEFAULT"]["doc_baseurl"] + "/")
+    _render_pages(proc, out, cfg["DEFAULT"]["doc_host"] + cfg["DEFAULT"]["doc_baseurl"] + "/", root)
     shutil.rmtree(proc, ignore_errors=True)
     return out

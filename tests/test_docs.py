@@ -18,5 +18,11 @@ def test_docs_build_without_quarto(tmp_path):
         assert sidebar, f"{page.name} has no sidebar"
         for href in re.findall(r'href="([^"#]+)"', sidebar.group(1)):
             assert (page.parent / href).resolve().exists(), f"{page.name}: broken sidebar link {href}"
+        assert 'target="_blank" style=' not in re.sub(r"<[^>]+>", "", text), f"{page.name} shows Quarto link attributes as text"
+        for src in re.findall(r'<img[^>]+src="([^"]+)"', text):
+            if not src.startswith(("data:", "http")):
+                assert (page.parent / src).exists(), f"{page.name}: broken image {src}"
+    nav = re.search(r'<nav class="hrda-sidebar">(.*?)</nav>', (out / "index.html").read_text(), re.S).group(1)
+    assert nav.count("index.html") == 1, "the sidebar lists the index page once"
     core = (out / "core.html").read_text()
     assert "coerce_value" in core and "atomic_write" in core  # the API docs of exported functions are rendered
