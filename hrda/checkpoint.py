@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from .core import save_torch
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CheckpointError', 'rng_states', 'restore_rng_states', 'save_checkpoint',
-           'load_checkpoint', 'check_compatible']
+           'load_checkpoint', 'config_differences']
 
 # %% ../nbs/06_checkpoint.ipynb #32e3f12f
 CHECKPOINT_FORMAT = "hrda-checkpoint"
@@ -62,6 +62,9 @@ def _describe_foreign(obj: Any) -> str:
         return "a bare state dict (for example pretrained backbone weights), not a training checkpoint"
     return f"a {type(obj).__name__} without the '{CHECKPOINT_FORMAT}' marker"
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [repr(e)])[0]
+
 def load_checkpoint(path: str | Path, # a file written by `save_checkpoint`
                     map_location: str | torch.device = "cpu", # where to put the tensors
                    ) -> dict[str, Any]:
@@ -70,13 +73,16 @@ def load_checkpoint(path: str | Path, # a file written by `save_checkpoint`
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pth file written by training "
                               f"(<run dir>/checkpoints/latest.pth)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the run that wrote it was cut off; use an earlier checkpoint "
+                              f"(e.g. an iter_*.pth beside it, with `hrda train --resume-from`) or train again")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds Python objects that need code to load; it was not written by hrda "
-                              f"(or comes from an untrusted source), so it is not loaded. Detail: {str(e).splitlines()[0]}") from e
+                              f"(or comes from an untrusted source), so it is not loaded. Detail: {_first_line(e)}") from e
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... depending on how the file is broken
-        raise CheckpointError(f"{path} is truncated or not a torch file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        raise CheckpointError(f"{path} is truncated or not a torch file ({type(e).__name__}: {_first_line(e)}); "
                               f"use an earlier checkpoint or train again") from e
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is {_describe_foreign(obj)}")
@@ -85,13 +91,9 @@ def load_checkpoint(path: str | Path, # a file written by `save_checkpoint`
                               f"(version {CHECKPOINT_VERSION}); update hrda to read it")
     return obj
 
-def check_compatible(ckpt: dict, # from `load_checkpoint`
-                     config: dict, # the config of the run that wants to resume
-                     keys: list[str], # the config keys that must match (the model and data shape)
-                    ):
-    "Raise `CheckpointError` listing every key of `keys` on which `ckpt` and `config` differ."
-    diffs = [f"{k}: checkpoint {ckpt['config'].get(k)!r}, run {config.get(k)!r}" for k in keys
-             if ckpt["config"].get(k) != config.get(k)]
-    if diffs:
-        raise CheckpointError("the checkpoint was trained with a different configuration, so it cannot be resumed "
-                              "here: " + "; ".join(diffs) + ". Resume with its own config or start a new run.")
+def config_differences(saved: dict, # the config a checkpoint stores
+                       config: dict, # the config of the run that wants to continue from it
+                       keys: Sequence[str], # the keys that must agree
+                      ) -> list[str]:
+    "'key: checkpoint X, run Y' for every key of `keys` on which `saved` and `config` differ."
+    return [f"{k}: checkpoint {saved.get(k)!r}, run {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k)]

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
 import hrda
+from .core import ConfigError
 
 # %% auto #0
-__all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'parse_scale', 'build_parser', 'cmd_evaluate',
-           'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'main']
+__all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'USAGE_ERRORS', 'parse_scale', 'count', 'build_parser',
+           'cmd_evaluate', 'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'main']
 
 # %% ../nbs/09_cli.ipynb #81a28ab9
 DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom")  # kinds `hrda prepare` converts
@@ -27,11 +29,20 @@ def parse_scale(text: str, # 'config', 'none', 'LONGxSHORT' (e.g. 2048x1024) or 
     try:
         if "x" in t or "," in t:
             a, b = t.replace(",", "x").split("x")
-            return int(a), int(b)
-        return float(t)
+            value = int(a), int(b)
+        else: value = float(t)
+        if min(value if isinstance(value, tuple) else (value,)) <= 0: raise ValueError
+        return value
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid scale {text!r}: use 'config', 'none', LONGxSHORT such as 2048x1024, "
-                                         "or a factor such as 0.5") from None
+                                         "or a positive factor such as 0.5") from None
+
+def count(text: str) -> int:
+    "A command-line count: an integer >= 0."
+    try: n = int(text)
+    except ValueError: n = -1
+    if n < 0: raise argparse.ArgumentTypeError(f"invalid count {text!r}: use an integer >= 0 (0: all)")
+    return n
 
 def _model_args(p: argparse.ArgumentParser):
     "The arguments that choose a model, shared by evaluate and predict."
@@ -53,7 +64,8 @@ EVALUATE_EPILOG = """Check the released GTA→Cityscapes checkpoint against its 
 
 def build_parser() -> argparse.ArgumentParser:
     "The `hrda` parser (train, synth and prepare only list themselves here: their own parsers read their arguments)."
-    p = argparse.ArgumentParser(prog="hrda", description="HRDA / DAFormer domain-adaptive semantic segmentation.")
+    from hrda.core import CommandParser
+    p = CommandParser(prog="hrda", description="HRDA / DAFormer domain-adaptive semantic segmentation.")
     p.add_argument("--version", action="version", version=f"hrda {hrda.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in (("prepare", "convert a downloaded dataset's labels: hrda prepare {gta,synthia,cityscapes,custom} ROOT"),
@@ -69,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", choices=DATASETS, help="dataset kind (default: the run's target)")
     ev.add_argument("--split", help="split (default: the run's val_split)")
     ev.add_argument("--out", metavar="DIR", help="output folder (default: <run>/eval, or eval_<name> next to the checkpoint)")
-    ev.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
+    ev.add_argument("--max-images", type=count, default=0, metavar="N", help="only the first N images (default: all)")
     ev.add_argument("--save-predictions", action="store_true", help="also write the predicted label maps")
-    ev.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    ev.add_argument("--workers", type=count, default=0, help="data-loading processes (default 0)")
     ev.add_argument("--expect", type=float, metavar="MIOU", help="fail (exit 1) unless the mIoU is within --tolerance of this")
     ev.add_argument("--tolerance", type=float, default=0.1, help="allowed |mIoU - expected| in points (default 0.1)")
     pr = sub.add_parser("predict", help="label, colour and overlay PNGs of images (and LR/HR/attention maps)",
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", metavar="DIR", required=True, help="output folder (labels/, color/, overlay/, scales/)")
     pr.add_argument("--show-scales", action="store_true", help="also write the LR, HR, attention and fused maps")
     pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
-    pr.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
+    pr.add_argument("--max-images", type=count, default=0, metavar="N", help="only the first N images (default: all)")
     p.subcommands = {"evaluate": ev, "predict": pr}  # for usage errors found after parsing
     return p
 
@@ -131,8 +143,12 @@ def cmd_train(argv: list[str]) -> int:
     "`hrda.train.train_cli` with these arguments; prints the final metrics."
     from hrda.evaluation import summary_line
     from hrda.train import train_cli
-    result = train_cli(argv)
-    final = (result or {}).get("final")
+    result = train_cli(argv) or {}
+    if result.get("interrupted"):
+        print(f"hrda train: stopped by {result['interrupted']} after iteration {result['iterations']} with a checkpoint; "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
+    final = result.get("final")
     if final: print(f"{result['experiment']}/{result['run']} after {result['iterations']} iterations: {summary_line(final)}")
     return 0
 
@@ -165,6 +181,14 @@ DELEGATED: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "synth":
 
 # %% ../nbs/09_cli.ipynb #86d9851e
 USER_ERRORS = (ValueError, OSError, FloatingPointError)  # config, checkpoint, data and file errors; NaN losses
+USAGE_ERRORS = (ConfigError,)  # a key or value the user typed: exit 2, as argparse does
+
+def _one_line(e: BaseException) -> str:
+    "The message of `e`; for an error re-raised from a data-loading process, the original error's own line."
+    text = str(e).strip()
+    if "Original Traceback" in text:  # torch's DataLoader wraps a worker's error with the worker's traceback
+        return re.sub(r"^[A-Za-z_][\w.]*: ", "", text.splitlines()[-1])  # its last line, without the error's class
+    return text
 
 def _call(command: str, fn: Callable, arg) -> int:
     "Run one subcommand: exit codes for argparse exits, interrupts and input errors (one line, no traceback)."
@@ -176,8 +200,8 @@ def _call(command: str, fn: Callable, arg) -> int:
         return 130
     except USER_ERRORS as e:
         if os.environ.get("HRDA_DEBUG"): raise
-        print(f"hrda {command}: error: {e}", file=sys.stderr)
-        return 1
+        print(f"hrda {command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, USAGE_ERRORS) else 1
     return int(code or 0)
 
 def main(argv: Sequence[str] | None = None, # the arguments after `hrda` (default: sys.argv[1:])

@@ -18,7 +18,7 @@ import torch
 
 import hrda
 
-from .core import ConfigError, Precision, coerce_value, read_yaml, repo_root, resolve_path
+from .core import ConfigError, Precision, allowed, check_ranges, coerce_value, read_yaml, repo_root, resolve_path
 from .dacs import DACSConfig
 from .segmentor import SegmentorConfig
 
@@ -38,7 +38,7 @@ def parse_overrides(overrides: Sequence[str] | dict | None, # ['key=value', ...]
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        out[key.strip()] = read_yaml(raw) if raw.strip() else None
+        out[key.strip()] = read_yaml(raw, f"--set {item}") if raw.strip() else None
     return out
 
 def _check_keys(cls, keys, where: str):
@@ -52,7 +52,7 @@ def _check_keys(cls, keys, where: str):
 def _read_yaml_chain(path: Path, depth: int = 0) -> dict:
     if depth > 4: raise ConfigError(f"{path}: 'base' files nest deeper than 4 levels")
     if not path.exists(): raise ConfigError(f"config file {path} does not exist")
-    data = read_yaml(path.read_text()) or {}
+    data = read_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict): raise ConfigError(f"{path}: a config file must hold a mapping of key: value")
     base = data.pop("base", None)
     if base is None: return data
@@ -95,13 +95,13 @@ class RunOptions:
     seed: int = 1  # run seed (the paper averages seeds 0, 1, 2)
     device: str = field(default="auto", metadata=RUN_ONLY)  # 'auto', 'cpu', 'cuda', 'cuda:N'
     precision: Precision = "fp32"  # autocast: fp32, tf32, bf16 or fp16 (fp16 uses a loss scaler)
-    threads: int = field(default=0, metadata=RUN_ONLY)  # torch CPU threads of this process (0: torch's default; 1 is fastest for tiny CPU models)
-    eval_every: int = field(default=4000, metadata=RUN_ONLY)  # evaluate the student on the target val split every this many iterations (0: only at the end)
-    val_max_images: int = field(default=0, metadata=RUN_ONLY)  # evaluate on the first N val images only (0: all)
+    threads: int = field(default=0, metadata=RUN_ONLY | allowed('>= 0'))  # torch CPU threads of this process (0: torch's default; 1 is fastest for tiny CPU models)
+    eval_every: int = field(default=4000, metadata=RUN_ONLY | allowed('>= 0'))  # evaluate the student on the target val split every this many iterations (0: only at the end)
+    val_max_images: int = field(default=0, metadata=RUN_ONLY | allowed('>= 0'))  # evaluate on the first N val images only (0: all)
     eval_classes: list[int] | None = field(default=None, metadata=RUN_ONLY)  # train ids averaged into mIoU (None: all; synthetic benchmark: its 12)
-    checkpoint_every: int = field(default=4000, metadata=RUN_ONLY)  # write checkpoints/latest.pth every this many iterations (0: only at the end)
-    keep_checkpoints: int = field(default=1, metadata=RUN_ONLY)  # also keep this many iter_NNNNNN.pth files (0: only latest.pth)
-    log_every: int = field(default=50, metadata=RUN_ONLY)  # log averaged losses every this many iterations
+    checkpoint_every: int = field(default=4000, metadata=RUN_ONLY | allowed('>= 0'))  # write checkpoints/latest.pth every this many iterations (0: only at the end)
+    keep_checkpoints: int = field(default=1, metadata=RUN_ONLY | allowed('>= 0'))  # also keep this many iter_NNNNNN.pth files (0: only latest.pth)
+    log_every: int = field(default=50, metadata=RUN_ONLY | allowed('> 0'))  # log averaged losses every this many iterations
     tensorboard: bool = field(default=True, metadata=RUN_ONLY)  # also write TensorBoard scalars
     progress: bool = field(default=True, metadata=RUN_ONLY)  # tqdm progress bar
 
@@ -113,35 +113,36 @@ class DataOptions:
     target: str = "cityscapes"  # target dataset kind
     target_root: str = field(default="data/cityscapes", metadata=RUN_ONLY)  # prepared target root
     val_split: str = field(default="val", metadata=RUN_ONLY)  # target split evaluated during training
-    source_scale: tuple[int, int] | None = (2560, 1440)  # keep-ratio resize (long, short) of source images; None: as is
-    target_scale: tuple[int, int] | None = (2048, 1024)  # the same for target images (training and evaluation)
-    crop_size: tuple[int, int] = (1024, 1024)  # context crop (h, w) at full resolution
-    cat_max_ratio: float = 0.75  # source crop re-draws while one class covers more than this share
-    pseudo_margins: tuple[int, int, int, int] | None = (30, 240, 30, 30)  # untrusted target rows/cols (top, bottom, left, right)
-    sync_crop_size: tuple[int, int] | None = None  # ablations: one sub-crop (h, w) shared by each source/target pair
+    source_scale: tuple[int, int] | None = field(default=(2560, 1440), metadata=allowed('> 0'))  # keep-ratio resize (long, short) of source images; None: as is
+    target_scale: tuple[int, int] | None = field(default=(2048, 1024), metadata=allowed('> 0'))  # the same for target images (training and evaluation)
+    crop_size: tuple[int, int] = field(default=(1024, 1024), metadata=allowed('> 0'))  # context crop (h, w) at full resolution
+    cat_max_ratio: float = field(default=0.75, metadata=allowed('(0, 1]'))  # source crop re-draws while one class covers more than this share
+    pseudo_margins: tuple[int, int, int, int] | None = field(default=(30, 240, 30, 30), metadata=allowed('>= 0'))  # untrusted target rows/cols (top, bottom, left, right)
+    sync_crop_size: tuple[int, int] | None = field(default=None, metadata=allowed('> 0'))  # ablations: one sub-crop (h, w) shared by each source/target pair
     rcs: bool = True  # rare class sampling of the source
-    rcs_temperature: float = 0.01  # T
-    rcs_min_pixels: int = 3000  # files qualify for a class above this pixel count
-    rcs_min_crop_ratio: float = 2.0  # crops are re-drawn until they hold min_pixels × this of the class
-    batch_size: int = 2  # source (and target) images per iteration and process
-    workers: int = field(default=1, metadata=RUN_ONLY)  # data-loading processes per training process (0: in the main process)
+    rcs_temperature: float = field(default=0.01, metadata=allowed('> 0'))  # T
+    rcs_min_pixels: int = field(default=3000, metadata=allowed('>= 0'))  # files qualify for a class above this pixel count
+    rcs_min_crop_ratio: float = field(default=2.0, metadata=allowed('>= 0'))  # crops are re-drawn until they hold min_pixels × this of the class
+    batch_size: int = field(default=2, metadata=allowed('> 0'))  # source (and target) images per iteration and process
+    workers: int = field(default=1, metadata=RUN_ONLY | allowed('>= 0'))  # data-loading processes per training process (0: in the main process)
     cache_images: bool = field(default=False, metadata=RUN_ONLY)  # keep decoded training images in memory in each loader process (small datasets only)
 
 @dataclass
 class OptimOptions:
     "The optimisation part: where the weights start, iterations and the learning-rate schedule."
     init_from: str | None = field(default=None, metadata=RUN_ONLY)  # a training checkpoint (or run folder) whose student's backbone and decode head start this run
-    iters: int = 40000  # training iterations
-    lr: float = 6e-5  # AdamW base learning rate (heads × 10)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_iters: int = 1500  # linear warm-up length
-    poly_power: float = 1.0  # poly decay exponent
+    iters: int = field(default=40000, metadata=allowed('> 0'))  # training iterations
+    lr: float = field(default=6e-5, metadata=allowed('> 0'))  # AdamW base learning rate (heads × 10)
+    weight_decay: float = field(default=0.01, metadata=allowed('>= 0'))  # AdamW decoupled weight decay
+    warmup_iters: int = field(default=1500, metadata=allowed('>= 0'))  # linear warm-up length
+    poly_power: float = field(default=1.0, metadata=allowed('>= 0'))  # poly decay exponent
 
 # %% ../nbs/05c_config.ipynb #ade4ac36
 @dataclass
 class TrainConfig(OptimOptions, DACSConfig, SegmentorConfig, DataOptions, RunOptions):
     "Every option of a training run, one flat set of keys; defaults = the original HRDA GTA→Cityscapes config."
-    def __post_init__(self):  # each part checks its own options
+    def __post_init__(self):  # the declared ranges, then each part checks its own options
+        check_ranges(self)
         for part in PARTS.values():
             if "__post_init__" in vars(part): part.__post_init__(self)
 
@@ -165,7 +166,7 @@ def options_table(parts: dict[str, type] | None = None, # part name -> dataclass
                  ) -> str:
     "A markdown table of every option: part, key, default and the comment of its declaration."
     from fastcore.docments import docments
-    rows, seen = ["| part | option | default | meaning |", "|---|---|---|---|"], set()
+    rows, seen = ["| part | option | default | allowed | meaning |", "|---|---|---|---|---|"], set()
     for name, part in (parts or PARTS).items():
         notes = docments(part)
         for f in dataclasses.fields(part):
@@ -173,7 +174,8 @@ def options_table(parts: dict[str, type] | None = None, # part name -> dataclass
             seen.add(f.name)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             key = f"`{f.name}`" + (" †" if f.metadata.get("run_only") else "")
-            rows.append(f"| {name} | {key} | `{default!r}` | {(notes.get(f.name) or '').replace('|', '/')} |")
+            rule = f"`{f.metadata['allowed']}`" if "allowed" in f.metadata else ""
+            rows.append(f"| {name} | {key} | `{default!r}` | {rule} | {(notes.get(f.name) or '').replace('|', '/')} |")
     return "\n".join(rows)
 
 # %% ../nbs/05c_config.ipynb #3b865092

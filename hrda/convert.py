@@ -317,7 +317,7 @@ def load_label_mapping(path: str | Path, # the mapping YAML of a custom dataset
     "The checked contents of a custom mapping YAML: mapping, image_suffix, label_suffix, classes, num_classes."
     path = Path(path)
     if not path.is_file(): raise DataPrepError(f"the mapping file {path} does not exist; data_prep/README.md shows one")
-    data = read_yaml(path.read_text())
+    data = read_yaml(path.read_text(), str(path))
     example = "e.g. `mapping: {0: 255, 1: 0, 2: 1}`"
     if not isinstance(data, dict) or not isinstance(data.get("mapping"), dict) or not data["mapping"]:
         raise DataPrepError(f"{path}: expected a non-empty `mapping:` of label value: train id ({example})")
@@ -377,7 +377,8 @@ def prepare_cli(dataset: str, # 'gta', 'synthia', 'cityscapes' or 'custom'
                 argv: Sequence[str] | None = None, # the arguments (default: sys.argv[1:])
                ) -> int:
     "The command line of data_prep/prepare_<dataset>.py: convert, print the summary, return the exit status."
-    p = argparse.ArgumentParser(prog=f"prepare_{dataset}.py", description=(
+    from hrda.core import CommandParser
+    p = CommandParser(prog=f"prepare_{dataset}.py", description=(
         f"Convert {dataset} labels to train ids and write the class statistics files. Layout:\n{LAYOUT_HELP[dataset]}"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     if dataset == "custom":

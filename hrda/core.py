@@ -5,6 +5,8 @@
 # %% ../nbs/00_core.ipynb #4f53d350
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +19,7 @@ import types
 import typing
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +29,10 @@ from PIL import Image, ImageOps
 # %% auto #0
 __all__ = ['Precision', 'PRECISIONS', 'IGNORE_INDEX', 'MEAN', 'STD', 'CLASSES', 'PALETTE', 'CLASS_SUBSETS', 'THING_CLASSES',
            'derive_seed', 'make_generator', 'seed_everything', 'generator_state', 'restore_generator', 'get_device',
-           'autocast_dtype', 'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'read_yaml', 'repo_root',
-           'portable_path', 'resolve_path', 'portable_record', 'atomic_write', 'write_text', 'write_json', 'write_yaml',
-           'save_torch', 'ImageReadError', 'read_image', 'check_label_values', 'read_label', 'get_logger']
+           'autocast_dtype', 'class_subset', 'colorize', 'ConfigError', 'coerce_value', 'allowed', 'check_ranges',
+           'CommandParser', 'read_yaml', 'repo_root', 'portable_path', 'resolve_path', 'portable_record',
+           'atomic_write', 'write_text', 'write_json', 'write_yaml', 'save_torch', 'check_writable_dir',
+           'ImageReadError', 'read_image', 'check_label_values', 'read_label', 'get_logger']
 
 # %% ../nbs/00_core.ipynb #7d9089f2
 def derive_seed(seed: int, # the run seed
@@ -83,9 +86,10 @@ def get_device(name: str = "auto", # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
         if torch.cuda.is_available(): return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try: device = torch.device(name)
+    except RuntimeError: raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available here; use device='cpu' or 'auto'")
+        raise ConfigError(f"device {name!r} was requested but CUDA is not available here; use device='cpu' or 'auto'")
     return device
 
 def autocast_dtype(precision: Precision, # one of PRECISIONS
@@ -198,6 +202,36 @@ def coerce_value(value: Any, # the raw value (from YAML or the command line)
         raise fail
     raise ConfigError(f"config key {key!r} has unsupported type {_type_name(tp)}")
 
+# %% ../nbs/00_core.ipynb #c2d5865c
+def allowed(rule: str, # '> 0', '>= 0', '< 1', '<= 1', or an interval such as '[0, 1)' or '(0, 1]'
+           ) -> dict[str, str]:
+    "Dataclass field metadata: the range of a numeric option (each item of a tuple option), checked by `check_ranges`."
+    _range_test(rule)  # a malformed rule fails where it is declared
+    return {"allowed": rule}
+
+def _range_test(rule: str) -> Callable[[float], bool]:
+    r = rule.replace(" ", "")
+    ops = {">=": lambda b: lambda v: v >= b, ">": lambda b: lambda v: v > b,
+           "<=": lambda b: lambda v: v <= b, "<": lambda b: lambda v: v < b}
+    for op in (">=", "<=", ">", "<"):
+        if r.startswith(op): return ops[op](float(r[len(op):]))
+    m = re.fullmatch(r"([\[(])([-+.\deE]+),([-+.\deE]+)([\])])", r)
+    if not m: raise ValueError(f"unknown range rule {rule!r}")
+    lo, hi = float(m[2]), float(m[3])
+    return lambda v: (v >= lo if m[1] == "[" else v > lo) and (v <= hi if m[4] == "]" else v < hi)
+
+def check_ranges(config: Any, # a dataclass instance whose fields may carry `allowed` metadata
+                ) -> None:
+    "Raise a `ConfigError` that names the first option outside its declared range and that range."
+    for f in dataclasses.fields(config):
+        rule, value = f.metadata.get("allowed"), getattr(config, f.name)
+        if rule is None or value is None: continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if not all(_range_test(rule)(v) for v in items):
+            shown = rule if rule[0] in "<>" else f"in {rule}"
+            each = " (each value)" if isinstance(value, (tuple, list)) else ""
+            raise ConfigError(f"{f.name}={value!r} is out of range: it must be {shown}{each}")
+
 # %% ../nbs/00_core.ipynb #6746ec96
 class _YamlLoader(yaml.SafeLoader):
     "YAML's safe loader that also reads `6e-5` and `1E3` as floats (plain YAML 1.1 reads them as strings)."
@@ -208,9 +242,20 @@ _YamlLoader.add_implicit_resolver(
                   |[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
 
-def read_yaml(text: str) -> Any:
-    "Parse YAML `text` safely, with `6e-5` read as a float."
-    return yaml.load(text, Loader=_YamlLoader)
+class CommandParser(argparse.ArgumentParser):
+    "An argument parser whose usage errors are one line, the error and where to find help (exit 2)."
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+def read_yaml(text: str, # YAML text
+              where: str = "YAML", # what it is, for the error message (a file name, `--set lr=...`)
+             ) -> Any:
+    "Parse YAML `text` safely, with `6e-5` read as a float; malformed text is a one-line `ConfigError`."
+    try: return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML: {getattr(e, 'problem', None) or e}{at}") from None
 
 # %% ../nbs/00_core.ipynb #219dfd1d
 def repo_root(start: str | Path | None = None, # where to start looking (default: the current folder)
@@ -305,6 +350,23 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     with atomic_write(path, "wb") as f: torch.save(obj, f)
     return Path(path)
 
+def check_writable_dir(path: str | Path, # a folder that will receive output (it may not exist yet)
+                       what: str = "output folder", # how the error message names it
+                      ) -> Path:
+    "`path`, or an `OSError` before any work starts, if it cannot be created or written; nothing is left behind."
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent: probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot write the {what} {path}: {probe} is a file, not a folder; choose another folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".hrda-write-test.")
+        os.close(fd); os.unlink(tmp)
+    except OSError as e:
+        raise PermissionError(f"cannot write the {what} {path}: {probe} is not writable ({e.strerror}); "
+                              "choose another folder") from None
+    return Path(path)
+
 # %% ../nbs/00_core.ipynb #4a14505d
 class ImageReadError(OSError):
     "An image or label file that is missing, truncated, not an image, or not in the expected format."
@@ -339,7 +401,9 @@ def check_label_values(label: np.ndarray, # (H, W) train ids
     bad = (label >= num_classes) & (label != IGNORE_INDEX)
     if not bad.any(): return label
     values = np.unique(label[bad])
-    hint = (" They look like Cityscapes label ids (0-33), not train ids: convert the labels first "
+    hint = (f" Is num_classes={num_classes} smaller than the dataset's classes? Set it to their count."
+            if num_classes < len(CLASSES) and values.max() < len(CLASSES) else
+            " They look like Cityscapes label ids (0-33), not train ids: convert the labels first "
             "(`hrda prepare cityscapes ROOT` writes *_labelTrainIds.png)." if values.max() <= 33 else
             " Convert the labels to train ids (`hrda prepare ...`) or check num_classes.")
     raise ValueError(f"{where}: {int(bad.sum())} pixels have values {values[:8].tolist()} outside the train ids "

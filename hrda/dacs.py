@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import IGNORE_INDEX, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
+from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
 # %% auto #0
 __all__ = ['FD_CLASSES', 'JITTER_OPS', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_',
@@ -28,19 +28,19 @@ FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-
 @dataclass
 class DACSConfig:
     "The self-training options of one DACS/HRDA iteration (defaults: the paper's final run)."
-    alpha: float = 0.999  # EMA α (with the warm start min(1 - 1/(t+1), α))
-    pseudo_threshold: float = 0.968  # τ: the confidence weight is the fraction of pixels with max prob >= τ
-    pseudo_ignore_top: int = 0  # legacy v1: zero the pseudo weight of this many top rows (HRDA uses loader margins)
-    pseudo_ignore_bottom: int = 0  # legacy v1: the same for the bottom rows
-    fd_lambda: float = 0.005  # λ of the ImageNet feature distance; 0 disables it
+    alpha: float = field(default=0.999, metadata=allowed('[0, 1]'))  # EMA α (with the warm start min(1 - 1/(t+1), α))
+    pseudo_threshold: float = field(default=0.968, metadata=allowed('[0, 1]'))  # τ: the confidence weight is the fraction of pixels with max prob >= τ
+    pseudo_ignore_top: int = field(default=0, metadata=allowed('>= 0'))  # legacy v1: zero the pseudo weight of this many top rows (HRDA uses loader margins)
+    pseudo_ignore_bottom: int = field(default=0, metadata=allowed('>= 0'))  # legacy v1: the same for the bottom rows
+    fd_lambda: float = field(default=0.005, metadata=allowed('>= 0'))  # λ of the ImageNet feature distance; 0 disables it
     fd_classes: tuple[int, ...] | None = FD_CLASSES  # cells whose pooled label is one of these; None = every cell
-    fd_min_ratio: float = 0.75  # pooled FD label cells below this majority ratio are ignored
-    num_classes: int = 19  # C
-    color_jitter_strength: float = 0.2  # s: brightness = contrast = saturation = hue = s
-    color_jitter_p: float = 0.2  # jitter when the iteration's uniform coin > p (i.e. 80% of iterations)
+    fd_min_ratio: float = field(default=0.75, metadata=allowed('[0, 1]'))  # pooled FD label cells below this majority ratio are ignored
+    num_classes: int = field(default=19, metadata=allowed('> 0'))  # C
+    color_jitter_strength: float = field(default=0.2, metadata=allowed('>= 0'))  # s: brightness = contrast = saturation = hue = s
+    color_jitter_p: float = field(default=0.2, metadata=allowed('[0, 1]'))  # jitter when the iteration's uniform coin > p (i.e. 80% of iterations)
     blur: bool = True  # Gaussian blur when the iteration's blur coin > 0.5
     mean: tuple[float, float, float] = IMG_MEAN  # image normalisation (0..255 RGB)
-    std: tuple[float, float, float] = IMG_STD  # and its standard deviation
+    std: tuple[float, float, float] = field(default=IMG_STD, metadata=allowed('> 0'))  # and its standard deviation
     self_training: bool = True  # False: source pass (and FD) only, no teacher, no mixing
     pseudo_label_overlapping: bool | None = None  # the teacher's HR slide for pseudo-labels (None: the model's setting)
 

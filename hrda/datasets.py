@@ -199,9 +199,11 @@ class SegDataset(Dataset):
                  role: str = "source", # 'source' or 'target'
                  seed: int = 0, # the seed of `__getitem__`
                  cache: bool = False, # keep decoded images and labels in memory (per process): small datasets only
+                 num_classes: int | None = None, # source: label values outside 0..C-1 and 255 are an error (None: unchecked)
                 ):
         if role not in ("source", "target"): raise ValueError(f"role must be 'source' or 'target', got {role!r}")
         self.root, self.dataset, self.split, self.role, self.seed = Path(root), dataset, split, role, seed
+        self.num_classes = num_classes if role == "source" else None  # target labels are never trained on
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
         self.pipeline = pipeline or hrda_pipeline(dataset, role)
         if role == "target" and self.pipeline.cat_max_ratio < 1:
@@ -224,7 +226,7 @@ class SegDataset(Dataset):
         "The decoded (H, W, 3) image and (H, W) label of sample `i` (read-only arrays when cached)."
         if self.cache is not None and i in self.cache: return self.cache[i]
         img_path, label_path = self.files[i]
-        img, label = read_image(img_path), read_label(label_path)
+        img, label = read_image(img_path), read_label(label_path, self.num_classes)
         check_pair(img, label, img_path, label_path)
         if self.cache is not None:
             img.flags.writeable = label.flags.writeable = False  # the pipeline must never change a cached array

@@ -399,7 +399,8 @@ def demo_cli(argv: Sequence[str] | None = None) -> int:
     "Parse the demo options and run it."
     import argparse
     from hrda.config import parse_overrides
-    p = argparse.ArgumentParser(prog="hrda demo", description="Train and compare source-only, DAFormer and HRDA "
+    from hrda.core import CommandParser
+    p = CommandParser(prog="hrda demo", description="Train and compare source-only, DAFormer and HRDA "
                                 f"on the embedded synthetic benchmark; report in {LOCAL_DIR}/ beside the reference in {REFERENCE_DIR}/.")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0; with --reference: 0 1 2)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")

@@ -50,7 +50,7 @@ def expand_grid(path: str | Path, # a grid YAML (with `runs:`) or a plain experi
     "The runs of a grid file × seeds, each checked against `TrainConfig`."
     path = Path(path).resolve()
     if not path.is_file(): raise _grid_error(path, "the file does not exist")
-    data = read_yaml(path.read_text()) or {}
+    data = read_yaml(path.read_text(), str(path)) or {}
     reports = Path(reports) if reports is not None else _root_of(path) / "reports"
     if "runs" in data:
         unknown = set(data) - {"config", "seeds", "runs"}
@@ -138,7 +138,8 @@ def run_grid(paths: str | Path | Sequence[str | Path], # grid or experiment YAML
 def grid_cli(argv: Sequence[str] | None = None) -> int:
     "`experiments/run_grid.py GRID.yaml ... [--seeds 0 1 2] [--launcher hrda] [--nproc N] [--only ID ...] [--dry-run]`."
     import argparse
-    p = argparse.ArgumentParser(prog="run_grid.py", description="Train every (run, seed) of experiment grids, "
+    from hrda.core import CommandParser
+    p = CommandParser(prog="run_grid.py", description="Train every (run, seed) of experiment grids, "
                                 "skipping finished runs; run folders go to reports/<grid>/<id>/s<seed>.")
     p.add_argument("grids", nargs="+", help="grid YAMLs (experiments/grid_*.yaml) or plain experiment YAMLs")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: each grid's `seeds`)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -20,8 +21,9 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_overrides, provenance, resolve_paths,
                          run_name)
-from .core import (CLASSES, IGNORE_INDEX, ImageReadError, atomic_write, get_device, get_logger, read_image, write_json,
-                       write_text)
+from .backbones import load_shape_checked
+from .core import (CLASSES, IGNORE_INDEX, ImageReadError, atomic_write, check_writable_dir, get_device, get_logger,
+                       read_image, write_json, write_text)
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
                              save_metrics, save_overlay, summary_line)
@@ -74,7 +76,13 @@ def load_model(checkpoint: str | Path, # a training checkpoint (.pth of hrda.tra
             raise CheckpointError(f"{path} holds no {which} weights (a source-only run has no EMA teacher); "
                                   f"{'drop --teacher' if teacher else 'is it a complete training checkpoint?'}")
         model = _fresh_model(cfg)
-        model.load_state_dict(ckpt[which])
+        fits = "does not fit the model its config describes" + (f" with --set {overrides}" if overrides else "")
+        _, missing, unexpected = load_shape_checked(model, ckpt[which], f"{path} {fits}", "keep the run's model "
+                                                    "settings (backbone, heads, num_classes) or use another checkpoint",
+                                                    CheckpointError)
+        if missing or unexpected:
+            raise CheckpointError(f"{path} {fits}: {len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} "
+                                  f"unexpected (e.g. {unexpected[:2]}); keep the run's model settings or use another checkpoint")
         info = dict(kind="training", iteration=ckpt.get("iteration"))
     else:
         cfg = load_config(TrainConfig, config, overrides)
@@ -95,6 +103,8 @@ def input_size(h: int, w: int, # the image size
              ) -> tuple[int, int]:
     "The (H, W) the model sees for an h×w image at `scale`."
     if scale is None: return h, w
+    if not all(s > 0 for s in (scale if isinstance(scale, tuple) else (scale,))):
+        raise ValueError(f"the test scale must be positive (a factor such as 0.5, or LONGxSHORT such as 2048x1024), got {scale}")
     if isinstance(scale, (int, float)): return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
     W, H = rescale_size(w, h, scale)
     return H, W
@@ -139,14 +149,25 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 def list_images(inputs: str | Path | Sequence[str | Path], # an image file, a folder searched recursively, or a list of files
                ) -> list[tuple[Path, str]]:
     "Sorted (path, name) pairs; name = the path relative to the folder without its suffix (the file's stem for a file)."
-    if not isinstance(inputs, (str, Path)): return [(Path(f), Path(f).stem) for f in inputs]
+    if not isinstance(inputs, (str, Path)): return _unique_names([(Path(f), Path(f).stem) for f in inputs])
     p = Path(inputs).expanduser()
     if p.is_file(): return [(p, p.stem)]
     if not p.is_dir(): raise FileNotFoundError(f"input {p} does not exist; give an image file or a folder of images")
     files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                    and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files: raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {p}")
-    return [(f, f.relative_to(p).with_suffix("").as_posix()) for f in files]
+    return _unique_names([(f, f.relative_to(p).with_suffix("").as_posix()) for f in files])
+
+def _unique_names(pairs: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    "Names that two inputs share (a.png and a.jpg) keep their suffix (a_png, a_jpg); a clash left after that is an error."
+    counts = Counter(name for _, name in pairs)
+    out = [(f, f"{name}_{f.suffix.lstrip('.').lower()}" if counts[name] > 1 else name) for f, name in pairs]
+    clash = [name for name, n in Counter(name for _, name in out).items() if n > 1]
+    if clash:
+        same = [str(f) for f, name in out if name == clash[0]]
+        raise ValueError(f"{len(same)} inputs would write the same output name {clash[0]!r} ({', '.join(same[:3])}); "
+                         "rename them or predict them separately")
+    return out
 
 def attention_heatmap(attention: np.ndarray, # (H, W) values in [0, 1]
                       cmap: str = "inferno", # a matplotlib colour map
@@ -197,10 +218,12 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
                    max_images: int = 0, # only the first N images (0: all)
                   ) -> dict[str, Any]:
     "Predict every image of `inputs` into `out_dir`; unreadable images are reported and skipped. The summary dict."
+    if max_images < 0: raise ValueError(f"max_images must be >= 0 (0: all images), got {max_images}")
+    if scale != "config": input_size(1, 1, scale)  # a bad scale fails now, not at the first image
+    out, t0, log = check_writable_dir(out_dir), time.time(), get_logger("hrda.predict")
+    images = list_images(inputs)  # bad inputs and output folders fail before the model loads
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, config, teacher, device, overrides)
     scale = loaded.config.target_scale if scale == "config" else scale
-    out, t0, log = Path(out_dir), time.time(), get_logger("hrda.predict")
-    images = list_images(inputs)
     if max_images: images = images[:max_images]
     done, skipped = [], []
     for path, name in tqdm(images, desc="predict", disable=not progress, mininterval=2):
@@ -292,11 +315,13 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
                         branches: bool = False, # HRDA: in the same pass, also score its LR and HR branches and its attention by class
                        ) -> dict[str, Any]:
     "mIoU and per-class IoU of a checkpoint on a validation set, written to `out_dir`/metrics.json and per_class.md."
+    if out_dir is not None: check_writable_dir(out_dir)  # before the model loads and the images are scored
+    if max_images < 0: raise ValueError(f"max_images must be >= 0 (0: all images), got {max_images}")
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, config, teacher, device, overrides)
     model, cfg = loaded.model, loaded.config
     data_root, dataset, split = data_root or cfg.target_root, dataset or cfg.target, split or cfg.val_split
     scale = cfg.target_scale if scale == "config" else scale
-    out = Path(out_dir) if out_dir is not None else default_eval_dir(loaded.info["path"])
+    out = Path(out_dir) if out_dir is not None else check_writable_dir(default_eval_dir(loaded.info["path"]))
     val = ValDataset(data_root, dataset, split, scale=scale, num_classes=cfg.num_classes)
     data = Subset(val, range(min(max_images, len(val)))) if max_images else val
     index, labels_of = {}, dict(val.files)

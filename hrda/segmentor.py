@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_backbone
-from .core import IGNORE_INDEX
+from .core import IGNORE_INDEX, allowed, check_ranges
 from .crops import (Box, box_hw, crop, crop_windows, insert_box, sample_crop_box, scale_box, slide_boxes,
                         stitch_windows)
 from .heads import create_head
@@ -34,24 +34,25 @@ class SegmentorConfig:
     head_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of the decode head
     attention_head: str = "attention"  # scale-attention head (reads the LR features only)
     attention_head_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of the attention head
-    num_classes: int = 19  # K
-    scales: tuple[float, float] = (0.5, 1.0)  # (context, detail) scales; sorted as in the original, so index 0 is the LR context
-    hr_crop_size: tuple[int, int] | None = (512, 512)  # detail crop (h, w) in HR pixels; None = no crop, HR sees all
-    crop_coord_divisible: int = 8  # detail-crop offsets are multiples of this (os · s), so boxes map to whole cells
-    hr_loss_weight: float = 0.1  # λ_d, weight of the detail-crop loss
-    lr_loss_weight: float = 0.0  # λ_lr, weight of the optional LR loss (on the attention-scaled LR logits)
+    num_classes: int = field(default=19, metadata=allowed('> 0'))  # K
+    scales: tuple[float, float] = field(default=(0.5, 1.0), metadata=allowed('> 0'))  # (context, detail) scales; sorted as in the original, so index 0 is the LR context
+    hr_crop_size: tuple[int, int] | None = field(default=(512, 512), metadata=allowed('> 0'))  # detail crop (h, w) in HR pixels; None = no crop, HR sees all
+    crop_coord_divisible: int = field(default=8, metadata=allowed('> 0'))  # detail-crop offsets are multiples of this (os · s), so boxes map to whole cells
+    hr_loss_weight: float = field(default=0.1, metadata=allowed('[0, 1]'))  # λ_d, weight of the detail-crop loss
+    lr_loss_weight: float = field(default=0.0, metadata=allowed('[0, 1]'))  # λ_lr, weight of the optional LR loss (on the attention-scaled LR logits)
     hr_slide_inference: bool = True  # inference: HR branch by sliding windows of hr_crop_size over the whole input
     hr_slide_overlapping: bool = True  # HR slide stride = crop / 2 (else = crop, no overlap)
     blur_hr_crop: bool = False  # ablation: HR input down(0.5)-up(2) blurred, so it carries no real detail
     attention_classwise: bool = True  # one attention channel per class (else one broadcast channel)
-    fixed_attention: float | None = None  # a constant a_c replacing the learned attention (ablation; 0 = LR, 1 = HR)
+    fixed_attention: float | None = field(default=None, metadata=allowed('[0, 1]'))  # a constant a_c replacing the learned attention (ablation; 0 = LR, 1 = HR)
     feature_scale: float | str = 0.5  # FD features: the LR context scale, or 'all' (also the HR detail features)
-    single_scale: float | None = None  # None = HRDA; a scale s = DAFormer baseline: resize by s, one backbone+head pass
+    single_scale: float | None = field(default=None, metadata=allowed('> 0'))  # None = HRDA; a scale s = DAFormer baseline: resize by s, one backbone+head pass
     test_mode: Literal["slide", "whole"] = "slide"  # outer test inference: sliding windows or the whole image at once
-    test_crop_size: tuple[int, int] = (1024, 1024)  # outer test window (h, w), input pixels
-    test_stride: tuple[int, int] = (512, 512)  # outer test stride (sy, sx)
+    test_crop_size: tuple[int, int] = field(default=(1024, 1024), metadata=allowed('> 0'))  # outer test window (h, w), input pixels
+    test_stride: tuple[int, int] = field(default=(512, 512), metadata=allowed('> 0'))  # outer test stride (sy, sx)
 
     def __post_init__(self):
+        check_ranges(self)
         self.scales = tuple(sorted(float(s) for s in self.scales))
         if len(self.scales) != 2 or self.scales[0] <= 0:
             raise ValueError(f"scales must be two positive scales (context, detail), got {self.scales}")

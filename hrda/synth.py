@@ -524,7 +524,8 @@ def prepare_synth(out_dir: str | Path, # a benchmark root written by `generate_b
 def synth_cli(argv: Sequence[str] | None = None, # the arguments (default: sys.argv[1:])
              ) -> int:
     "The command line of data_prep/make_synth.py: generate the benchmark, run the converters, print a summary."
-    p = argparse.ArgumentParser(prog="make_synth.py", description="Write the synthetic source (GTA layout) and "
+    from hrda.core import CommandParser
+    p = CommandParser(prog="make_synth.py", description="Write the synthetic source (GTA layout) and "
                                 "target (Cityscapes layout) domains, then convert their labels to train ids.")
     p.add_argument("out_dir", help="benchmark root to write (OUT/source, OUT/target, OUT/synth.json)")
     p.add_argument("--seed", type=int, default=0, help="benchmark seed (default 0)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -17,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .backbones import load_shape_checked
-from .checkpoint import check_compatible, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .checkpoint import CheckpointError, config_differences, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, provenance, resolve_paths, resume_keys,
                          run_dir, run_name)
 from .core import (ConfigError, autocast_dtype, get_logger, make_generator, portable_path, portable_record,
@@ -31,7 +33,7 @@ from .segmentor import SegmentorConfig, build_segmentor
 
 # %% auto #0
 __all__ = ['INIT_PARTS', 'IterationSampler', 'collate_tensors', 'SyncCrop', 'build_datasets', 'NonFiniteLossError', 'read_log',
-           'RunLog', 'check_finite', 'init_from_run_', 'train', 'train_cli']
+           'RunLog', 'check_finite', 'init_from_run_', 'GracefulStop', 'train', 'train_cli']
 
 # %% ../nbs/06a_train.ipynb #02ae9612
 class IterationSampler(Sampler[int]):
@@ -68,6 +70,7 @@ class SyncCrop(Dataset):
 def build_datasets(cfg: TrainConfig) -> tuple[Dataset, ValDataset]:
     "The training pairs (source only when not self-training) and the target validation set of `cfg`."
     src = SegDataset(cfg.source_root, cfg.source, "train", role="source", seed=cfg.seed, cache=cfg.cache_images,
+                     num_classes=cfg.num_classes,
                      pipeline=PipelineConfig(scale=cfg.source_scale, crop_size=cfg.crop_size, cat_max_ratio=cfg.cat_max_ratio))
     trg = None
     if cfg.self_training:
@@ -76,6 +79,10 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, ValDataset]:
                                                  pseudo_margins=cfg.pseudo_margins))
     rcs = RCSConfig(cfg.rcs_temperature, cfg.rcs_min_pixels, cfg.rcs_min_crop_ratio) if cfg.rcs else None
     pairs = UDADataset(src, trg, rcs, seed=cfg.seed)
+    top = max(pairs.sampler.classes + pairs.sampler.dropped) if pairs.sampler is not None else -1
+    if top >= cfg.num_classes:  # the class statistics show it before any label is read
+        raise ConfigError(f"the source labels of {portable_path(cfg.source_root)} hold train id {top} (see its class "
+                          f"statistics) but num_classes={cfg.num_classes}: set num_classes to the dataset's class count")
     if cfg.sync_crop_size is not None: pairs = SyncCrop(pairs, cfg.sync_crop_size, cfg.seed)
     return pairs, ValDataset(cfg.target_root, cfg.target, cfg.val_split, scale=cfg.target_scale,
                              num_classes=cfg.num_classes)
@@ -162,14 +169,41 @@ def init_from_run_(model: nn.Module, # a freshly built segmentor, changed in pla
                                 "initialise from a run with the same backbone and decode head")
     return missing
 
-def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device) -> dict | None:
-    "The checkpoint to continue from (checked against `cfg`), or None to start over."
-    path = Path(resume) if isinstance(resume, (str, Path)) else out / "checkpoints" / "latest.pth"
-    if resume is False or (resume is True and not path.exists()): return None
+def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device,
+                 allow_config_change: bool = False) -> tuple[dict | None, list[dict]]:
+    "The checkpoint to continue from (checked against `cfg`) or None, and the settings changed from it (when allowed)."
+    path = resolve_path(resume) if isinstance(resume, (str, Path)) else out / "checkpoints" / "latest.pth"
+    if resume is False or (resume is True and not path.exists()): return None, []
     ckpt = load_checkpoint(path, map_location=device)
     saved = ckpt["config"]  # compared in the portable form the checkpoint stores; keys it predates are not compared
-    check_compatible(ckpt, portable_record(config_to_dict(cfg)), [k for k in resume_keys() if k in saved])
-    return ckpt
+    now = portable_record(config_to_dict(cfg))
+    diffs = config_differences(saved, now, [k for k in resume_keys() if k in saved])
+    if diffs and not allow_config_change:
+        raise CheckpointError(f"{path} was trained with other settings ({'; '.join(diffs)}), so this run cannot "
+                              "continue from it: use the run's own settings, start a new run (another out_dir or run "
+                              "name), or pass --allow-config-change to continue with the change recorded")
+    changes = [{"iteration": ckpt["iteration"], "key": k, "from": saved[k], "to": now.get(k)}
+               for k in resume_keys() if k in saved and saved[k] != now.get(k)]
+    return ckpt, changes
+
+def _ignore_interrupts(worker_id: int):
+    "Loader processes leave Ctrl-C to the training process, which stops after the iteration it is in."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+class GracefulStop:
+    "Inside `with`, SIGINT and SIGTERM ask the loop to stop after the current iteration; a second Ctrl-C stops at once."
+    def __init__(self, enabled: bool = True): # False: leave the signal handlers alone (e.g. several processes)
+        self.requested: str | None = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT: raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+    def __enter__(self):
+        if self.enabled: self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+    def __exit__(self, *exc):
+        if self.enabled:
+            for s, handler in self._previous.items(): signal.signal(s, handler)
 
 def _evaluate(student: nn.Module, val, cfg: TrainConfig, device) -> dict:
     model = unwrap(student)
@@ -185,6 +219,7 @@ def _evaluate(student: nn.Module, val, cfg: TrainConfig, device) -> dict:
 def train(cfg: TrainConfig, # the run
           resume: bool | str | Path = True, # True: continue from <run>/checkpoints/latest.pth if it exists; a path; False: start over
           stop_after: int | None = None, # stop (with a checkpoint) once this many iterations are done; resume later
+          allow_config_change: bool = False, # resume although settings changed (each change is recorded)
          ) -> dict[str, Any]:
     "Train `cfg` to `cfg.iters`, evaluating and checkpointing on the way; returns the metrics written to metrics.json."
     cfg = resolve_paths(cfg)  # relative data, weights and run paths start at the repository root
@@ -192,7 +227,9 @@ def train(cfg: TrainConfig, # the run
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rank, world = init_distributed(device)
     main, out = rank == 0, run_dir(cfg)
-    ckpt = _resume_from(cfg, out, resume, device)
+    ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
+    changes = list((ckpt or {}).get("config_changes", [])) + changed  # every allowed change of the run, oldest first
+    pairs, val = build_datasets(cfg)  # missing or mislabelled data fails before the run folder is touched
     log = get_logger("hrda.train", out / "train.log" if main else None)
     seed_everything(cfg.seed, deterministic=device.type == "cpu")
     student = build_segmentor(narrow(SegmentorConfig, cfg)).to(device)
@@ -217,41 +254,44 @@ def train(cfg: TrainConfig, # the run
         restore_rng_states(ckpt["rng"], {"train": generator})
         start, evals, seconds = ckpt["iteration"], list(ckpt.get("evals", [])), float(ckpt.get("seconds", 0.0))
         if main: log.info(f"resumed from iteration {start} of {cfg.iters}")
+        for c in changed:
+            if main: log.info(f"from iteration {c['iteration']}: {c['key']} {c['from']!r} -> {c['to']!r} (--allow-config-change)")
     if main:
-        write_yaml(out / "params.yaml", config_to_dict(cfg))
+        if not changes: write_yaml(out / "params.yaml", config_to_dict(cfg))  # else it keeps the settings the run began with
         if ckpt is None: (out / "metrics.json").unlink(missing_ok=True)  # a fresh start is not finished
     stop = min(cfg.iters, stop_after or cfg.iters)
-    pairs, val = build_datasets(cfg)
     loader = DataLoader(pairs, batch_size=cfg.batch_size, sampler=IterationSampler(start, stop, cfg.batch_size, rank, world),
                         num_workers=cfg.workers, collate_fn=collate_tensors, pin_memory=device.type == "cuda",
-                        generator=make_generator(cfg.seed, "loader"))
+                        generator=make_generator(cfg.seed, "loader"), worker_init_fn=_ignore_interrupts)
     runlog = RunLog(out, start, cfg.tensorboard) if main else None
     dcfg, t0, amp_dtype = narrow(DACSConfig, cfg), time.time(), autocast_dtype(cfg.precision, device)
     latest = out / "checkpoints" / "latest.pth"
     from tqdm import tqdm  # plain text: tqdm.auto warns in kernels without ipywidgets
     bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and main), desc=cfg.experiment, mininterval=2)
-    done = start
-    for t, batch in zip(range(start, stop), loader):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, power=cfg.poly_power)
-        logs = average_logs(dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler).logs)
-        check_finite(logs, t, latest)
-        bar.update(1)
-        done = t + 1
-        if runlog is not None:
-            runlog.add(logs)
-            if done % cfg.log_every == 0 or done == stop:
-                row = runlog.flush(done, lr=lr, seconds=round(seconds + time.time() - t0, 3))
-                bar.set_postfix(loss=f"{row.get('decode.loss_seg', float('nan')):.3f}", refresh=False)
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
-            metrics = _evaluate(student, val, cfg, device)
-            evals.append({"iteration": done, **metrics})
-            if main:
-                runlog.eval(done, metrics)
-                log.info(f"iteration {done}: {summary_line(metrics)}")
-        if main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop):
-            latest = _save(out, done, cfg, evals=evals, seconds=seconds + time.time() - t0,
-                           **_state(student, teacher, optimizer, scaler, generator))
+    done, stopper = start, GracefulStop(enabled=world == 1)  # one process: Ctrl-C ends with a checkpoint
+    with stopper:
+        for t, batch in zip(range(start, stop), loader):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, power=cfg.poly_power)
+            logs = average_logs(dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler).logs)
+            check_finite(logs, t, latest)
+            bar.update(1)
+            done = t + 1
+            if runlog is not None:
+                runlog.add(logs)
+                if done % cfg.log_every == 0 or done == stop:
+                    row = runlog.flush(done, lr=lr, seconds=round(seconds + time.time() - t0, 3))
+                    bar.set_postfix(loss=f"{row.get('decode.loss_seg', float('nan')):.3f}", refresh=False)
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
+                metrics = _evaluate(student, val, cfg, device)
+                evals.append({"iteration": done, **metrics})
+                if main:
+                    runlog.eval(done, metrics)
+                    log.info(f"iteration {done}: {summary_line(metrics)}")
+            if main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop or stopper.requested):
+                latest = _save(out, done, cfg, evals=evals, seconds=seconds + time.time() - t0,
+                               config_changes=changes, **_state(student, teacher, optimizer, scaler, generator))
+            if stopper.requested: break
     bar.close()
     if runlog is not None: runlog.close()
     prov, previous = provenance(), out / "metrics.json"
@@ -260,23 +300,32 @@ def train(cfg: TrainConfig, # the run
     result = {"experiment": cfg.experiment, "run": run_name(cfg), "iterations": done,
               "finished": done >= cfg.iters, "wall_time_s": round(seconds + time.time() - t0, 1), "world_size": world,
               "final": evals[-1] if evals else None, "evals": evals, "config": config_to_dict(cfg),
-              "provenance": prov}
+              "provenance": prov, **({"config_changes": changes} if changes else {}),
+              **({"interrupted": stopper.requested} if stopper.requested else {})}
     if main:
         write_json(out / "metrics.json", result)
-        if not result["finished"]: log.info(f"stopped after iteration {done}; run again to continue")
+        if not result["finished"]: log.info(f"stopped after iteration {done}" + (f" ({stopper.requested})" if stopper.requested else "")
+                                            + f"; the checkpoint is {portable_path(latest)}: run the same command again to continue")
     barrier()  # every process returns once rank 0 has written the checkpoint (a resume right after reads it)
     return result
 
 # %% ../nbs/06a_train.ipynb #94b69246
 def train_cli(argv: Sequence[str] | None = None) -> dict:
-    "Parse `--config FILE --set key=value ... [--no-resume] [--stop-after N]` and train."
+    "Parse `--config FILE --set key=value ... [--no-resume | --resume-from PATH] [--stop-after N]` and train."
     import argparse
-    p = argparse.ArgumentParser(prog="hrda train", description="Train HRDA / DAFormer / source-only (see experiments/).")
+    from hrda.core import CommandParser
+    p = CommandParser(prog="hrda train", description="Train HRDA / DAFormer / source-only (see experiments/).")
     p.add_argument("--config", help="experiment YAML (may name a `base` file)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. iters=100")
-    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder holds a checkpoint")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--no-resume", action="store_true", help="start over even if the run folder holds a checkpoint")
+    start.add_argument("--resume-from", metavar="PATH", help="continue from this checkpoint (e.g. checkpoints/iter_*.pth "
+                       "when latest.pth is damaged) instead of <run>/checkpoints/latest.pth")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="continue although settings differ from the checkpoint's; each change is recorded in metrics.json")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N iterations (resume later)")
     args = p.parse_args(argv)
-    try: cfg = load_config(TrainConfig, args.config, args.set)
-    except ConfigError as e: p.error(str(e))
-    return train(cfg, resume=not args.no_resume, stop_after=args.stop_after)
+    if args.stop_after is not None and args.stop_after <= 0: raise ConfigError("--stop-after must be > 0")
+    cfg = load_config(TrainConfig, args.config, args.set)  # a bad key or value: ConfigError, one line (exit 2)
+    return train(cfg, resume=args.resume_from or not args.no_resume, stop_after=args.stop_after,
+                 allow_config_change=args.allow_config_change)

@@ -126,8 +126,8 @@ def test_input_errors_exit_1_with_one_line(capsys, tmp_path, ckpt):
 
 def test_debug_mode_shows_the_traceback(monkeypatch, tmp_path):
     monkeypatch.setenv("HRDA_DEBUG", "1")
-    with pytest.raises(CheckpointError, match="does not exist"):
-        cli.main(["predict", "--checkpoint", str(tmp_path / "x.pth"), "in", "--out", "o"])
+    with pytest.raises(FileNotFoundError, match="input .* does not exist"):
+        cli.main(["predict", "--checkpoint", str(tmp_path / "x.pth"), str(tmp_path / "in"), "--out", str(tmp_path / "o")])
 
 
 def test_evaluate_writes_the_eval_folder_and_checks_an_expected_miou(capsys, ckpt, cityscapes, tmp_path):

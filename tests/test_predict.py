@@ -118,6 +118,19 @@ def test_unreadable_images_are_skipped_and_reported(ckpt, tmp_path):
     assert not list((tmp_path / "out").rglob("*.tmp"))  # every write was atomic and completed
 
 
+def test_inputs_sharing_a_name_keep_their_suffix(ckpt, tmp_path):
+    "a.png and a.jpg in one folder both get predicted: their outputs are a_png.png and a_jpg.png; b.png stays b.png."
+    src = tmp_path / "in"
+    save(src / "a.png", rgb(40, 60))
+    save(src / "a.jpg", rgb(40, 60, seed=1))
+    save(src / "b.png", rgb(40, 60, seed=2))
+    summary = predict_folder(ckpt, src, tmp_path / "out", device="cpu", progress=False)
+    assert sorted(item["name"] for item in summary["items"]) == ["a_jpg", "a_png", "b"]
+    assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == ["a_jpg.png", "a_png.png", "b.png"]
+    with pytest.raises(ValueError, match="2 inputs would write the same output name 'x_png'"):  # a list from two folders
+        predict_folder(ckpt, [src / "a.png", tmp_path / "x.png", tmp_path / "other" / "x.png"], tmp_path / "o2", device="cpu")
+
+
 def test_show_scales_writes_the_four_maps(ckpt, loaded, tmp_path):
     img = rgb(60, 90, seed=2)
     src = save(tmp_path / "scene.png", img)
