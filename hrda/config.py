@@ -98,7 +98,7 @@ class RunOptions:
     threads: int = field(default=0, metadata=RUN_ONLY | allowed('>= 0'))  # torch CPU threads of this process (0: torch's default; 1 is fastest for tiny CPU models)
     eval_every: int = field(default=4000, metadata=RUN_ONLY | allowed('>= 0'))  # evaluate the student on the target val split every this many iterations (0: only at the end)
     val_max_images: int = field(default=0, metadata=RUN_ONLY | allowed('>= 0'))  # evaluate on the first N val images only (0: all)
-    eval_classes: list[int] | None = field(default=None, metadata=RUN_ONLY)  # train ids averaged into mIoU (None: all; synthetic benchmark: its 12)
+    eval_classes: list[int] | None = None  # train ids averaged into mIoU (None: all; synthetic benchmark: its 12); the recorded evaluations depend on it
     checkpoint_every: int = field(default=4000, metadata=RUN_ONLY | allowed('>= 0'))  # write checkpoints/latest.pth every this many iterations (0: only at the end)
     keep_checkpoints: int = field(default=1, metadata=RUN_ONLY | allowed('>= 0'))  # also keep this many iter_NNNNNN.pth files (0: only latest.pth)
     log_every: int = field(default=50, metadata=RUN_ONLY | allowed('> 0'))  # log averaged losses every this many iterations
