@@ -28,7 +28,7 @@ from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
                              save_metrics, save_overlay, summary_line)
 from .released import ReleasedCheckpointError, load_released_checkpoint, save_mmseg_checkpoint
-from .segmentor import Segmentor, SegmentorConfig, build_segmentor, resize
+from .segmentor import EncoderDecoder, HRDAEncoderDecoder, SegmentorConfig, build_segmentor, resize
 
 # %% auto #0
 __all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'load_model', 'input_size', 'prepare_image', 'predict_image', 'list_images',
@@ -38,7 +38,7 @@ __all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'load_model', 'input_size',
 # %% ../nbs/08_predict.ipynb #ae61dede
 class LoadedModel(NamedTuple):
     "A model ready for inference, its run config and where it came from."
-    model: Segmentor  # in eval mode, on its device
+    model: EncoderDecoder  # in eval mode, on its device
     config: TrainConfig  # the run config (test scale, classes, test windows, ...)
     info: dict  # path, kind ('training' or 'released'), which ('student' or 'teacher'), iteration
 
@@ -50,7 +50,7 @@ def _train_config(stored: dict, overrides: Sequence[str] | dict | None, source: 
     cfg = load_config(TrainConfig, None, {**{k: v for k, v in stored.items() if k in known}, **parse_overrides(overrides)})
     return resolve_paths(cfg)  # recorded relative to the repository root
 
-def _fresh_model(cfg: TrainConfig) -> Segmentor:
+def _fresh_model(cfg: TrainConfig) -> EncoderDecoder:
     "The segmentor of `cfg` without ImageNet weights (the checkpoint replaces every weight)."
     return build_segmentor(dataclasses.replace(narrow(SegmentorConfig, cfg), pretrained=None))
 
@@ -125,12 +125,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 @torch.no_grad()
-def predict_image(model: Segmentor, # in eval mode
+def predict_image(model: EncoderDecoder, # in eval mode
                   rgb: np.ndarray, # (H, W, 3) uint8 RGB, any size
                   scale: Scale = None, # test scale; None: the image as it is
                   device: str | torch.device | None = None, # where the image goes; None: the model's device
                   mode: Literal["slide", "whole"] | None = None, # outer test inference (default: the model's config)
-                  return_scales: bool = False, # also the LR, HR and attention maps (`Segmentor.predict_scales`)
+                  return_scales: bool = False, # also the LR, HR and attention maps (`EncoderDecoder.predict_scales`)
                  ) -> np.ndarray | dict[str, np.ndarray]:
     "The (H, W) int64 train ids of `rgb` at its own size; with `return_scales` a dict of fused, lr, hr, attention maps."
     if device is not None and not isinstance(device, torch.device): device = get_device(device)
@@ -268,7 +268,7 @@ class BranchScorer:
         self.meters = {k: ConfusionMeter(num_classes) for k in ("lr", "hr")}
         self.sums, self.counts = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
 
-    def keep(self, maps: dict[str, torch.Tensor], # from `Segmentor.predict_scales` of one image
+    def keep(self, maps: dict[str, torch.Tensor], # from `EncoderDecoder.predict_scales` of one image
             ) -> torch.Tensor:
         "Hold one image's maps until its labels arrive; its fused logits."
         self.maps = maps
@@ -329,7 +329,7 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
         save_label_png(label, out / "predictions" / "labels" / f"{name}.png")
         save_color_png(label, out / "predictions" / "color" / f"{name}.png")
         index[name] = {"image": item["img_path"], "label": labels_of[item["img_path"]]}
-    branches = branches and model.cfg.single_scale is None
+    branches = branches and isinstance(model, HRDAEncoderDecoder)
     scorer = BranchScorer(cfg.num_classes) if branches else None
     def predict(x: torch.Tensor) -> torch.Tensor:  # fused logits; with `branches`, every map of the same pass is kept
         if scorer is None: return model.inference(x, mode).float()

@@ -10,7 +10,7 @@ from hrda.core import IGNORE_INDEX, make_generator
 from hrda.crops import slide_boxes, window_counts
 from hrda.heads import create_head
 from hrda.released import load_released_checkpoint, save_mmseg_checkpoint
-from hrda.segmentor import Segmentor, SegmentorConfig, build_segmentor, fuse, seg_ce_loss
+from hrda.segmentor import EncoderDecoder, HRDAEncoderDecoder, SegmentorConfig, build_segmentor, fuse, seg_ce_loss
 
 K = 19
 
@@ -230,7 +230,8 @@ def test_boxes_follow_the_generator(batch):
 def test_single_scale_mode_one_pass(batch):
     img, gt = batch
     model = small_model(single_scale=0.5)
-    assert model.attention_head is None
+    assert type(model) is EncoderDecoder and not hasattr(model, "attention_head")
+    assert isinstance(small_model(), HRDAEncoderDecoder)
     calls = record_backbone_inputs(model)
     out = model.forward_train(img, gt, generator=make_generator(0))
     assert calls == [(2, 3, 128, 128)] and set(out["logs"]) == {"loss_seg", "acc_seg"}
