@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import block_mask, strong_augment
 from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
 # %% auto #0
-__all__ = ['FD_CLASSES', 'JITTER_OPS', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_',
-           'confidence_weight', 'PseudoLabels', 'pseudo_label', 'classmix_masks', 'mix', 'mix_batch', 'denormalize',
-           'renormalize', 'rgb_to_hsv', 'hsv_to_rgb', 'sample_jitter_params', 'color_jitter', 'blur_kernel_size',
-           'gaussian_kernel1d', 'gaussian_blur', 'strong_augment', 'downscale_label_ratio', 'feature_distance',
-           'DACSStepOutput', 'dacs_step']
+__all__ = ['FD_CLASSES', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_', 'confidence_weight',
+           'PseudoLabels', 'pseudo_label', 'classmix_masks', 'mix', 'mix_batch', 'downscale_label_ratio',
+           'feature_distance', 'mic_batch', 'DACSStepOutput', 'dacs_step']
 
 # %% ../nbs/05_dacs.ipynb #52834e73
 FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-distance classes (no pole)
@@ -43,6 +42,10 @@ class DACSConfig:
     std: tuple[float, float, float] = field(default=IMG_STD, metadata=allowed('> 0'))  # and its standard deviation
     self_training: bool = True  # False: source pass (and FD) only, no teacher, no mixing
     pseudo_label_overlapping: bool | None = None  # the teacher's HR slide for pseudo-labels (None: the model's setting)
+    mic_lambda: float = field(default=0.0, metadata=allowed('>= 0'))  # λ_m of masked image consistency (MIC); 0: off, the MIC paper: 1
+    mic_mode: Literal["separatetrgaug", "separate"] = "separatetrgaug"  # MIC input: the colour-augmented target batch, or 'separate': one source + one target image, no augmentation
+    mic_block_size: int = field(default=64, metadata=allowed('> 0'))  # b: MIC mask block side in pixels
+    mic_mask_ratio: float = field(default=0.7, metadata=allowed('[0, 1)'))  # r: the share of blocks MIC hides
 
 # %% ../nbs/05_dacs.ipynb #04b0636a
 def ema_alpha(t: int, # the 0-based iteration
@@ -156,142 +159,6 @@ def mix_batch(mask: torch.Tensor, # (B, H, W) bool ClassMix masks
     return (mix(mask, src_img, trg_img), mix(mask, src_gt, pseudo_gt),
             mix(mask, torch.ones_like(pseudo_weight), pseudo_weight))
 
-# %% ../nbs/05_dacs.ipynb #ef883b52
-def denormalize(img: torch.Tensor, # (B, 3, H, W) normalised
-                mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD, # 0..255 RGB statistics
-               ) -> torch.Tensor:
-    "The image in [0, 1] RGB: (img · std + mean) / 255."
-    m, s = (torch.tensor(v, dtype=img.dtype, device=img.device).view(1, -1, 1, 1) for v in (mean, std))
-    return (img * s + m) / 255
-
-def renormalize(img: torch.Tensor, # (B, 3, H, W) in [0, 1] RGB
-                mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD,
-               ) -> torch.Tensor:
-    "The inverse of `denormalize`: (img · 255 − mean) / std."
-    m, s = (torch.tensor(v, dtype=img.dtype, device=img.device).view(1, -1, 1, 1) for v in (mean, std))
-    return (img * 255 - m) / s
-
-def rgb_to_hsv(img: torch.Tensor, # (B, 3, H, W) RGB in [0, 1]
-               eps: float = 1e-6, # keeps S finite for black pixels
-              ) -> torch.Tensor:
-    "HSV with H in radians [0, 2π) and S, V in [0, 1], with kornia 0.5.8's arithmetic."
-    v, _ = img.max(dim=1)
-    is_max = img == v[:, None]
-    sector = ((is_max.cumsum(dim=1) == 1) & is_max).max(dim=1)[1]  # the first channel that attains the max
-    delta = v - img.min(dim=1)[0]
-    s = delta / (v + eps)
-    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
-    r, g, b = (v[:, None] - img).unbind(dim=1)
-    h = torch.stack([b - g, 2.0 * delta + r - b, 4.0 * delta + g - r], dim=1)
-    h = torch.gather(h, 1, sector[:, None])[:, 0] / delta
-    h = 2 * math.pi * ((h / 6.0) % 1.0)
-    return torch.stack([h, s, v], dim=1)
-
-def hsv_to_rgb(hsv: torch.Tensor, # (B, 3, H, W) with H in radians
-              ) -> torch.Tensor:
-    "RGB in [0, 1] from HSV (the inverse of `rgb_to_hsv`)."
-    h, s, v = (hsv[:, 0] / (2 * math.pi)), hsv[:, 1], hsv[:, 2]
-    hi = torch.floor(h * 6) % 6
-    f = ((h * 6) % 6) - hi
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    hi = hi.long()[:, None]
-    table = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), dim=1)  # (r, g, b) per sector
-    return torch.gather(table, 1, torch.cat([hi, hi + 6, hi + 12], dim=1))
-
-# %% ../nbs/05_dacs.ipynb #4f1592e5
-def _brightness(x, b): return torch.clamp(x + (b - 1), 0.0, 1.0)
-def _contrast(x, c): return torch.clamp(x * c, 0.0, 1.0)
-
-def _saturation(x, f):
-    h, s, v = rgb_to_hsv(x).unbind(dim=1)
-    return hsv_to_rgb(torch.stack([h, torch.clamp(s * f, 0, 1), v], dim=1))
-
-def _hue(x, f):
-    h, s, v = rgb_to_hsv(x).unbind(dim=1)
-    return hsv_to_rgb(torch.stack([torch.fmod(h + f * 2 * math.pi, 2 * math.pi), s, v], dim=1))
-
-JITTER_OPS: tuple[str, ...] = ("brightness", "contrast", "saturation", "hue")  # the ids of `order`
-
-def sample_jitter_params(n: int, # number of images
-                         strength: float, # s: factors in [1 − s, 1 + s] (hue: [−s, s])
-                         generator: torch.Generator,
-                        ) -> dict[str, torch.Tensor]:
-    "Per-image jitter factors (n,) for each op in `JITTER_OPS`, and `order` (n, 4): a random permutation per image."
-    if not 0 <= strength <= 0.5: raise ValueError(f"colour-jitter strength must be in [0, 0.5], got {strength}")
-    def uniform(lo, hi): return lo + torch.rand(n, generator=generator) * (hi - lo)
-    out = dict(brightness=uniform(max(1 - strength, 0.0), min(1 + strength, 2.0)),
-               contrast=uniform(max(1 - strength, 0.0), 1 + strength),
-               saturation=uniform(max(1 - strength, 0.0), 1 + strength),
-               hue=uniform(-strength, strength))
-    out["order"] = torch.stack([torch.randperm(4, generator=generator) for _ in range(n)])
-    return out
-
-def color_jitter(img: torch.Tensor, # (B, 3, H, W) RGB in [0, 1]
-                 params: dict[str, torch.Tensor], # from `sample_jitter_params`
-                ) -> torch.Tensor:
-    "kornia 0.5.8 ColorJitter semantics: each image gets its 4 adjustments in its own order."
-    ops = dict(brightness=_brightness, contrast=_contrast, saturation=_saturation, hue=_hue)
-    out = []
-    for i in range(img.shape[0]):
-        x = img[i:i + 1]
-        for k in params["order"][i].tolist():
-            name = JITTER_OPS[k]
-            x = ops[name](x, params[name][i].to(x))
-        out.append(x)
-    return torch.cat(out)
-
-# %% ../nbs/05_dacs.ipynb #63b1f73e
-def blur_kernel_size(side: int, # image height or width in pixels
-                    ) -> int:
-    "The DACS blur kernel size for an axis of `side` pixels: the largest odd number ≤ ceil(0.1 · side)."
-    c = math.ceil(0.1 * side)
-    return int(math.floor(c - 0.5 + c % 2))
-
-def gaussian_kernel1d(size: int, # number of taps
-                      sigma: float, # standard deviation in pixels
-                     ) -> torch.Tensor:
-    "A normalised 1-D Gaussian (size,) centred on the middle tap."
-    x = torch.arange(size, dtype=torch.float32) - size // 2
-    if size % 2 == 0: x = x + 0.5
-    g = torch.exp(-x.pow(2.0) / (2 * sigma ** 2))
-    return g / g.sum()
-
-def gaussian_blur(img: torch.Tensor, # (B, C, H, W)
-                  sigma: Sequence[float] | torch.Tensor, # (B,) one σ per image
-                  kernel_size: tuple[int, int] | None = None, # (ky, kx), odd; default `blur_kernel_size` of H and W
-                 ) -> torch.Tensor:
-    "Blur every image with its own σ, reflect border (kornia GaussianBlur2d semantics)."
-    B, C, H, W = img.shape
-    ky, kx = kernel_size or (blur_kernel_size(H), blur_kernel_size(W))
-    if ky % 2 == 0 or kx % 2 == 0: raise ValueError(f"blur kernel sizes must be odd, got {(ky, kx)}")
-    sigma = [float(s) for s in sigma]
-    wy = torch.stack([gaussian_kernel1d(ky, s) for s in sigma]).to(img).repeat_interleave(C, 0)  # (B·C, ky)
-    wx = torch.stack([gaussian_kernel1d(kx, s) for s in sigma]).to(img).repeat_interleave(C, 0)
-    x = F.pad(img, (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect").reshape(1, B * C, H + ky - 1, W + kx - 1)
-    x = F.conv2d(x, wy.view(B * C, 1, ky, 1), groups=B * C)
-    x = F.conv2d(x, wx.view(B * C, 1, 1, kx), groups=B * C)
-    return x.view(B, C, H, W)
-
-# %% ../nbs/05_dacs.ipynb #49ef62de
-def strong_augment(img: torch.Tensor, # (B, 3, H, W) normalised mixed images
-                   generator: torch.Generator, # draws the per-image factors and σ
-                   *,
-                   jitter_coin: float, # the iteration's U(0, 1) colour-jitter coin
-                   blur_coin: float, # the iteration's U(0, 1) blur coin
-                   strength: float = 0.2, # colour-jitter strength s
-                   jitter_p: float = 0.2, # jitter when jitter_coin > jitter_p
-                   blur: bool = True, # blur when blur_coin > 0.5
-                   mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD,
-                  ) -> torch.Tensor:
-    "Colour jitter on the denormalised images, then Gaussian blur on the normalised ones (DACS strong transform)."
-    if jitter_coin > jitter_p:
-        params = sample_jitter_params(img.shape[0], strength, generator)
-        img = renormalize(color_jitter(denormalize(img, mean, std), params), mean, std)
-    if blur and blur_coin > 0.5:
-        sigma = 0.15 + torch.rand(img.shape[0], generator=generator, dtype=torch.float64)  # U(0.15, 1.15)
-        img = gaussian_blur(img, sigma)
-    return img
-
 # %% ../nbs/05_dacs.ipynb #2fb28289
 def downscale_label_ratio(label: torch.Tensor, # (B, H, W) int64 with IGNORE_INDEX
                           factor: int, # cell size in label pixels
@@ -337,6 +204,30 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
     return lam * dist[mask].mean(), mask
 
 # %% ../nbs/05_dacs.ipynb #9fe14c5a
+def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
+              gt: torch.Tensor, # (B, H, W) source labels
+              trg: torch.Tensor, # (B, 3, H, W) normalised target images
+              pseudo_gt: torch.Tensor, # (B, H, W) the teacher's pseudo-labels of `trg` (unmasked)
+              pseudo_weight: torch.Tensor, # (B, H, W) their confidence weights
+              generator: torch.Generator, # fresh colour draws and the mask
+              cfg: DACSConfig, # mic_mode, mic_block_size, mic_mask_ratio and the colour settings
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "(masked images, labels, weights) of the MIC pass: the target batch colour-augmented with its own draws, or one source and one target image."
+    if cfg.mic_mode == "separatetrgaug":
+        jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # not ClassMix's coins
+        m_img = strong_augment(trg, generator, jitter_coin=jitter_coin, blur_coin=blur_coin,
+                               strength=cfg.color_jitter_strength, jitter_p=cfg.color_jitter_p, blur=cfg.blur,
+                               mean=cfg.mean, std=cfg.std)
+        m_gt, m_w = pseudo_gt, pseudo_weight
+    elif cfg.mic_mode == "separate":
+        if img.shape[0] != 2:
+            raise ValueError(f"mic_mode 'separate' takes one source and one target image: it needs batch_size 2, got {img.shape[0]}")
+        m_img, m_gt = torch.cat([img[:1], trg[:1]]), torch.cat([gt[:1], pseudo_gt[:1]])
+        m_w = torch.cat([torch.ones_like(pseudo_weight[:1]), pseudo_weight[:1]])  # source pixels weigh 1
+    else: raise ValueError(f"unknown mic_mode {cfg.mic_mode!r}; use 'separatetrgaug' or 'separate'")
+    mask = block_mask((m_img.shape[0], *m_img.shape[-2:]), cfg.mic_block_size, cfg.mic_mask_ratio, generator, m_img.device)
+    return m_img * mask.to(m_img.dtype), m_gt, m_w
+
 class DACSStepOutput(NamedTuple):
     "What one iteration returns: float logs, and (when asked) the batch's intermediate tensors for debug figures."
     logs: dict[str, float]
@@ -358,7 +249,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
               scaler: torch.amp.GradScaler | None = None, # loss scaler for float16
               return_debug: bool = False, # also return the intermediate tensors
              ) -> DACSStepOutput:
-    "One DACS/HRDA self-training iteration in the original order: three backward passes (two under DDP), one step."
+    "One DACS/HRDA self-training iteration in the original order: three backward passes (two under DDP; MIC adds one), one step."
     cfg = cfg or DACSConfig()
     if cfg.self_training and (teacher is None or "target_img" not in batch):
         raise ValueError("self-training needs a teacher and batch['target_img']; "
@@ -408,6 +299,13 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         debug.update(trg_img=trg, pseudo_gt=pl, pseudo_weight=pw, mix_mask=masks, mix_img=mix_img, mix_gt=mix_gt,
                      mix_weight=mix_w, mix_maps=mixed.get("maps"))
         del mixed
-    if scaler is not None: scaler.step(optimizer); scaler.update()  # 9. one optimiser step
+        if cfg.mic_lambda > 0:  # 9. masked image consistency: the same pseudo-label, a masked image
+            m_img, m_gt, m_w = mic_batch(img, gt, trg, pl, pw, generator, cfg)
+            with amp(): masked = _train_forward(student, m_img, m_gt, m_w, generator=generator, **extra)
+            backward(cfg.mic_lambda * masked["loss"])
+            logs.update({f"masked.decode.{k}": v for k, v in masked["logs"].items()})
+            debug.update(mic_img=m_img, mic_gt=m_gt, mic_weight=m_w, mic_maps=masked.get("maps"))
+            del masked
+    if scaler is not None: scaler.step(optimizer); scaler.update()  # 10. one optimiser step
     else: optimizer.step()
     return DACSStepOutput(logs, debug if return_debug else None)

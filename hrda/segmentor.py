@@ -111,7 +111,7 @@ def seg_ce_loss(logits: torch.Tensor, # (B, K, h, w)
     acc = (logits.argmax(1) == label).float().mean() * 100
     return loss.mean(), acc.detach()
 
-# %% ../nbs/04_segmentor.ipynb #4d7a3c53
+# %% ../nbs/04_segmentor.ipynb #7716de98
 def blur_downup(x: torch.Tensor) -> torch.Tensor:
     "Bilinear ×0.5 then ×2: the `blur_hr_crop` ablation's HR input without real detail."
     return resize(resize(x, scale=0.5), scale=2)
@@ -128,7 +128,7 @@ def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
 
 BACKBONE_STRIDE = 32  # the coarsest feature stride; inputs are padded so that every scale divides it
 
-# %% ../nbs/04_segmentor.ipynb #f962352b
+# %% ../nbs/04_segmentor.ipynb #8702edea
 class EncoderDecoder(nn.Module):
     "The single-scale encoder-decoder (DAFormer, source-only): the input resized by `single_scale`, one backbone and head pass."
     def __init__(self, cfg: SegmentorConfig, # the options
@@ -239,7 +239,7 @@ class EncoderDecoder(nn.Module):
         return self.forward_train(img, gt, weight, **kwargs) if gt is not None else self.encode_decode(img, **kwargs)
 
 
-# %% ../nbs/04_segmentor.ipynb #f6e453e9
+# %% ../nbs/04_segmentor.ipynb #2e276efc
 class HRDAEncoderDecoder(EncoderDecoder):
     "HRDA: the shared backbone and head on an LR context crop and an HR detail crop, fused by a learned scale attention."
     def __init__(self, cfg: SegmentorConfig, # the options

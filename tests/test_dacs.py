@@ -9,9 +9,10 @@ from torch import nn
 
 from conftest import ROOT  # noqa: F401  (puts the repository on the path like the other tests)
 from hrda.core import make_generator
-from hrda.dacs import (FD_CLASSES, DACSConfig, classmix_masks, color_jitter, confidence_weight, dacs_step,
-                       downscale_label_ratio, ema_alpha, ema_init_, ema_step_, ema_update_, feature_distance,
-                       gaussian_blur, mix_batch, pseudo_label, renormalize, strong_augment, teacher_mode_)
+from hrda.augment import color_jitter, gaussian_blur, renormalize, strong_augment
+from hrda.dacs import (FD_CLASSES, DACSConfig, classmix_masks, confidence_weight, dacs_step, downscale_label_ratio,
+                       ema_alpha, ema_init_, ema_step_, ema_update_, feature_distance, mix_batch, pseudo_label,
+                       teacher_mode_)
 from hrda.optim import build_optimizer, lr_at, set_lr_
 
 
@@ -392,3 +393,39 @@ def test_param_groups_on_the_real_segmentor():
     set_lr_(opt, 750)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr_at(750)] * 2 + [lr_at(750, 6e-4)])
     assert lr_at(750) == pytest.approx(6e-5 * 0.98125 * 0.5000005, rel=1e-12)
+
+
+# ---------------------------------------------------------------- masked image consistency (MIC)
+def test_block_mask_ratio_and_blocks_over_many_draws():
+    from hrda.augment import block_mask
+    g = make_generator(0, "mic")
+    for block, ratio in ((64, 0.7), (32, 0.5), (16, 0.9)):
+        m = block_mask((200, 128, 256), block, ratio, g)
+        assert abs(m.mean().item() - (1 - ratio)) < 0.015, (block, ratio, m.mean().item())
+        cells = m.view(200, 1, 128 // block, block, 256 // block, block)
+        assert torch.equal(cells.amax(dim=(3, 5)), cells.amin(dim=(3, 5)))  # constant on every block
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_mic_pass_trains_on_the_unmasked_pseudo_label_after_the_mixed_pass():
+    calls = []
+    student, teacher, imnet = make_models(0, calls)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    out = dacs_step(student, teacher, imnet, opt, toy_batch(0, margin=8), 0, make_generator(0), DACSConfig(mic_lambda=1.0),
+                    return_debug=True)
+    assert [c[:2] for c in calls] == [("student", "forward_train"), ("imnet", "extract_features"),
+                                      ("teacher", "encode_decode"), ("student", "forward_train"),
+                                      ("student", "forward_train")]  # one teacher call: MIC reuses its pseudo-label
+    d = out.debug
+    assert torch.equal(calls[4][2], d["pseudo_weight"]) and torch.equal(d["mic_gt"], d["pseudo_gt"])
+    assert (d["mic_img"] == 0).all(dim=1).any() and not (d["mic_img"] == 0).all()  # masked, not blank
+    assert {"masked.decode.loss_seg"} <= set(out.logs)
+
+
+def test_mic_off_draws_nothing_and_changes_nothing():
+    a, ta, la, ga = run_standin(0, cfg=DACSConfig())
+    b, tb, lb, gb = run_standin(0, cfg=DACSConfig(mic_lambda=0.0, mic_mode="separate", mic_block_size=8))
+    assert all(torch.equal(x, y) for x, y in zip(params_of(a), params_of(b))) and la == lb
+    assert torch.equal(ga.get_state(), gb.get_state())
+    c, _, lc, gc = run_standin(0, cfg=DACSConfig(mic_lambda=1.0))
+    assert not torch.equal(ga.get_state(), gc.get_state()) and "masked.decode.loss_seg" in lc[-1]

@@ -332,3 +332,15 @@ def test_a_changed_setting_is_refused_then_recorded_when_allowed(synth, tmp_path
     assert "alpha: 0.999" in (tmp_path / "params.yaml").read_text()  # the settings the run began with
     assert json.loads((tmp_path / "metrics.json").read_text())["config_changes"][0]["key"] == "alpha"
     assert train(changed)["finished"]  # the checkpoint now carries the new setting: no flag needed
+
+
+def test_exact_resume_with_masked_image_consistency(synth, tmp_path):
+    "MIC on: 2 iterations, stop, resume for 2 more reach the weights of 4 straight iterations, bit for bit."
+    straight_cfg = config(synth, tmp_path / "straight", iters=4, mic_lambda=1.0, mic_block_size=16)
+    split = config(synth, tmp_path / "split", iters=4, mic_lambda=1.0, mic_block_size=16)
+    train(straight_cfg, resume=False)
+    train(split, resume=False, stop_after=2)
+    assert train(split)["finished"]
+    for part in ("student", "teacher", "optimizer"):
+        assert tensors_equal(latest_of(straight_cfg)[part], latest_of(split)[part]), part
+    assert "masked.decode.loss_seg" in read_log(split.out_dir)[-1]
