@@ -20,18 +20,20 @@ from .core import CLASSES, portable_path, repo_root, resolve_path, write_json, w
 from .config import load_config, seed_run_name
 
 # %% auto #0
-__all__ = ['METHODS', 'WARM_START', 'BRANCHES', 'LOCAL_DIR', 'REFERENCE_DIR', 'REFERENCE_SEEDS', 'run_folder', 'training_order',
-           'clock', 'train_status', 'Stages', 'run_template', 'portable_notebook', 'notebook_html', 'seed_summary',
-           'demo_results', 'demo_attention', 'training_seconds', 'machine_class', 'compare_with_reference',
-           'prune_predictions', 'run_demo', 'demo_command', 'demo_readme', 'demo_cli']
+__all__ = ['METHODS', 'DEFAULT_METHODS', 'WARM_START', 'BRANCHES', 'LOCAL_DIR', 'REFERENCE_DIR', 'REFERENCE_SEEDS', 'run_folder',
+           'training_order', 'clock', 'train_status', 'Stages', 'run_template', 'portable_notebook', 'notebook_html',
+           'seed_summary', 'demo_results', 'demo_attention', 'training_seconds', 'machine_class',
+           'compare_with_reference', 'prune_predictions', 'run_demo', 'demo_command', 'demo_readme', 'demo_cli']
 
 # %% ../nbs/08b_demo.ipynb #eb3d1023
 METHODS: dict[str, str] = {  # method key -> name in the report; each has experiments/synth_<key>.yaml
     "source_only": "Source only",
     "daformer": "DAFormer (single scale, 0.5×)",
     "hrda": "HRDA",
+    "mic": "MIC(HRDA)",
 }
-WARM_START: dict[str, str] = {"daformer": "source_only", "hrda": "source_only"}  # method -> the run (same seed) it starts from
+DEFAULT_METHODS: tuple[str, ...] = ("source_only", "daformer", "hrda")  # `make demo` and the reference; `--methods` adds mic
+WARM_START: dict[str, str] = {"daformer": "source_only", "hrda": "source_only", "mic": "source_only"}  # method -> the run (same seed) it starts from
 BRANCHES: dict[str, str] = {"lr": "HRDA, attention 0 (LR branch)", "hr": "HRDA, attention 1 (HR branch)"}
 LOCAL_DIR = "reports/local/demo"  # `make demo`: your run, ignored by git
 REFERENCE_DIR = "reports/demo"  # the committed reference
@@ -278,7 +280,7 @@ def prune_predictions(out_dir: str | Path, # a demo folder
 def run_demo(out_dir: str | Path = LOCAL_DIR, # report folder (relative to the repository root)
              data_dir: str | Path = "data/synth", # synthetic benchmark root (written when missing)
              seeds: Sequence[int] = (0,), # training seeds of every method
-             methods: Sequence[str] = tuple(METHODS), # which of METHODS to report (their warm starts are trained too)
+             methods: Sequence[str] = DEFAULT_METHODS, # which of METHODS to report (their warm starts are trained too)
              overrides: dict | None = None, # extra training config keys for every run, e.g. {'iters': 200}
              html: bool = True, # render every executed notebook to HTML
              reference: bool = False, # build the committed reference: no comparison, prediction PNGs pruned
@@ -343,16 +345,16 @@ def demo_command(out_dir: str | Path, data_dir: str | Path, seeds: Sequence[int]
                  overrides: dict | None, reference: bool = False, benchmark_seed: int = 0) -> str:
     "The command line that rebuilds a demo run with these `run_demo` arguments."
     if (reference and str(out_dir) == REFERENCE_DIR and list(seeds) == list(REFERENCE_SEEDS)
-            and str(data_dir) == "data/synth" and list(methods) == list(METHODS) and not overrides and not benchmark_seed):
+            and str(data_dir) == "data/synth" and list(methods) == list(DEFAULT_METHODS) and not overrides and not benchmark_seed):
         return "hrda demo --reference"
     if (not reference and str(out_dir) == LOCAL_DIR and list(seeds) == [0] and str(data_dir) == "data/synth"
-            and list(methods) == list(METHODS) and not overrides and not benchmark_seed):
+            and list(methods) == list(DEFAULT_METHODS) and not overrides and not benchmark_seed):
         return "make demo"
     sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (overrides or {}).items()]
     return " ".join(["hrda demo", *(["--reference"] if reference else []), "--out", str(out_dir), "--seeds", *map(str, seeds),
                      *(["--data", str(data_dir)] if str(data_dir) != "data/synth" else []),
                      *(["--benchmark-seed", str(benchmark_seed)] if benchmark_seed else []),
-                     *(["--methods", *methods] if list(methods) != list(METHODS) else []), *(["--set", *sets] if sets else [])])
+                     *(["--methods", *methods] if list(methods) != list(DEFAULT_METHODS) else []), *(["--set", *sets] if sets else [])])
 
 def _seed_table(title: str, seeds: Sequence[int], values: dict[str, list], decimals: int) -> list[str]:
     fmt = lambda v: "–" if v is None else f"{v:.{decimals}f}"
@@ -403,7 +405,8 @@ def demo_cli(argv: Sequence[str] | None = None) -> int:
     p = CommandParser(prog="hrda demo", description="Train and compare source-only, DAFormer and HRDA "
                                 f"on the embedded synthetic benchmark; report in {LOCAL_DIR}/ beside the reference in {REFERENCE_DIR}/.")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0; with --reference: 0 1 2)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS),
+                   help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}; add mic for MIC(HRDA))")
     p.add_argument("--out", default=None, help=f"report folder (default: {LOCAL_DIR}; with --reference: {REFERENCE_DIR})")
     p.add_argument("--data", default="data/synth", help="benchmark folder (default: data/synth)")
     p.add_argument("--benchmark-seed", type=int, default=0, help="seed of the synthetic benchmark (default 0; use another --data)")
