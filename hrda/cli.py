@@ -19,7 +19,7 @@ __all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'USAGE_ERR
            'cmd_evaluate', 'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'main']
 
 # %% ../nbs/09_cli.ipynb #81a28ab9
-DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom")  # kinds `hrda prepare` converts
+DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom", "acdc", "darkzurich")  # kinds `hrda prepare` converts
 
 def parse_scale(text: str, # 'config', 'none', 'LONGxSHORT' (e.g. 2048x1024) or a factor (e.g. 0.5)
                ) -> tuple[int, int] | float | None | str:
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--show-scales", action="store_true", help="also write the LR, HR, attention and fused maps")
     pr.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     pr.add_argument("--max-images", type=count, default=0, metavar="N", help="only the first N images (default: all)")
+    pr.add_argument("--server", choices=("cityscapes", "acdc", "darkzurich"),
+                    help="also write server/<image name>.png in that test server's format (Cityscapes: label ids; "
+                         "ACDC, Dark Zurich: train ids)")
     p.subcommands = {"evaluate": ev, "predict": pr}  # for usage errors found after parsing
     return p
 
@@ -130,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from hrda.predict import predict_folder
     s = predict_folder(args.path, args.input, args.out, args.show_scales, args.config, args.teacher, args.scale,
                        args.device, args.mode, args.alpha, args.set, progress=not args.no_progress,
-                       max_images=args.max_images)
+                       max_images=args.max_images, server=args.server)
     print(f"predicted {s['predicted']} of {s['images']} images into {s['out_dir']}")
     for item in s["skipped"]: print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)
     if s["images"] and not s["predicted"]:
@@ -168,6 +171,9 @@ def cmd_prepare(argv: list[str]) -> int:
     if argv[0] not in DATASETS:
         print(f"hrda prepare: error: unknown dataset {argv[0]!r}; choose one of {', '.join(DATASETS)}", file=sys.stderr)
         return 2
+    if argv[0] in ("acdc", "darkzurich"):
+        from hrda.adverse import prepare_adverse_cli
+        return prepare_adverse_cli(argv[0], argv[1:])
     from hrda.convert import prepare_cli
     return prepare_cli(argv[0], argv[1:])
 

@@ -110,7 +110,7 @@ class DataOptions:
     "The data part: datasets, image scales, crops, rare class sampling, batch and loaders."
     source: str = "gta"  # source dataset kind: gta, synthia, cityscapes, custom
     source_root: str = field(default="data/gta", metadata=RUN_ONLY)  # prepared source root (data_prep/prepare_<source>.py)
-    target: str = "cityscapes"  # target dataset kind
+    target: str = "cityscapes"  # target dataset kind: cityscapes, acdc, darkzurich (MIC), custom
     target_root: str = field(default="data/cityscapes", metadata=RUN_ONLY)  # prepared target root
     val_split: str = field(default="val", metadata=RUN_ONLY)  # target split evaluated during training
     source_scale: tuple[int, int] | None = field(default=(2560, 1440), metadata=allowed('> 0'))  # keep-ratio resize (long, short) of source images; None: as is

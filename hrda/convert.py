@@ -190,11 +190,16 @@ LAYOUT_HELP = {
     "cityscapes": "ROOT/leftImg8bit/{train,val,test}/<city>/<name>_leftImg8bit.png\n"
                   "ROOT/gtFine/{train,val,test}/<city>/<name>_gtFine_labelIds.png",
     "custom": "IMAGES_DIR/<path><image_suffix> and LABELS_DIR/<path><label_suffix>, suffixes set in the mapping YAML",
+    "acdc": "ROOT/rgb_anon/{fog,night,rain,snow}/{train,val,test}/<sequence>/<name>_rgb_anon.png\n"
+            "ROOT/gt/{fog,night,rain,snow}/{train,val}/<sequence>/<name>_gt_labelIds.png",
+    "darkzurich": "ROOT/rgb_anon/{train,val,test}/night/<sequence>/<name>_rgb_anon.png (train: no labels)\n"
+                  "ROOT/gt/val/night/<sequence>/<name>_gt_labelIds.png",
 }
 PREPARE_COMMANDS = {
     "gta": "python data_prep/prepare_gta.py {root}", "synthia": "python data_prep/prepare_synthia.py {root}",
     "cityscapes": "python data_prep/prepare_cityscapes.py {root}",
     "custom": "python data_prep/prepare_custom.py IMAGES_DIR LABELS_DIR MAPPING.yaml {root}",
+    "acdc": "hrda prepare acdc {root}", "darkzurich": "hrda prepare darkzurich {root}",
 }
 
 def _require_dir(root: Path, rel: str, dataset: str) -> Path:

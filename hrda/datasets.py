@@ -40,6 +40,8 @@ LAYOUTS: dict[str, Layout] = {
     "synthia": Layout("RGB", ".png", "GT/LABELS", "_labelTrainIds.png"),
     "cityscapes": Layout("leftImg8bit/{split}", "_leftImg8bit.png", "gtFine/{split}", "_gtFine_labelTrainIds.png"),
     "custom": Layout("images", ".png", "labels", "_labelTrainIds.png"),  # image suffix from prepare.yaml
+    "acdc": Layout("rgb_anon/*/{split}", "_rgb_anon.png", "gt/*/{split}", "_gt_labelTrainIds.png"),  # * = fog, night, rain, snow
+    "darkzurich": Layout("rgb_anon/{split}", "_rgb_anon.png", "gt/{split}", "_gt_labelTrainIds.png"),  # train: night images, no labels
 }
 
 def dataset_layout(root: str | Path, # the prepared dataset root
@@ -54,20 +56,32 @@ def dataset_layout(root: str | Path, # the prepared dataset root
                             f"run `{PREPARE_COMMANDS['custom'].format(root=root)}`")
     return dataclasses.replace(LAYOUTS["custom"], img_suffix=read_yaml(meta.read_text())["image_suffix"])
 
+def _matching_label_dir(img_dir: Path, root: Path, img_pattern: str, label_pattern: str) -> Path:
+    "The label folder of an image folder matched by a pattern with `*`: the same values in the label pattern's `*`."
+    values = iter(part for part, pat in zip(img_dir.relative_to(root).parts, Path(img_pattern).parts) if pat == "*")
+    return root.joinpath(*(next(values) if pat == "*" else pat for pat in Path(label_pattern).parts))
+
 def find_samples(root: str | Path, # the prepared dataset root
-                 dataset: str, # 'gta', 'synthia', 'cityscapes' or 'custom'
-                 split: str = "train", # Cityscapes split folder
-                ) -> list[tuple[str, str]]:
-    "Sorted (image, label) paths: a recursive scan of the image folder, each label found by swapping the suffix."
+                 dataset: str, # a key of LAYOUTS
+                 split: str = "train", # split folder (Cityscapes, ACDC, Dark Zurich)
+                 labels: bool = True, # False: images without a label are kept, with label None (an unlabelled target)
+                ) -> list[tuple[str, str | None]]:
+    "Sorted (image, label) paths: a recursive scan of the image folder(s), each label found by swapping the suffix."
     root, lay = Path(root), dataset_layout(root, dataset)
-    img_dir, lab_dir = root / lay.img_dir.format(split=split), root / lay.label_dir.format(split=split)
+    img_pattern, label_pattern = lay.img_dir.format(split=split), lay.label_dir.format(split=split)
     where = f"a prepared {dataset} tree has ROOT/{lay.img_dir}/**/*{lay.img_suffix} and ROOT/{lay.label_dir}/**/*{lay.label_suffix}"
-    if not img_dir.is_dir(): raise DataPrepError(f"{dataset}: the image folder {img_dir} does not exist; {where} (data_prep/README.md)")
-    images = sorted(p for p in img_dir.rglob("*" + lay.img_suffix) if not p.name.startswith("."))
-    if not images: raise DataPrepError(f"{dataset}: no *{lay.img_suffix} images under {img_dir}; {where}")
-    pairs = [(str(p), str(lab_dir / (p.relative_to(img_dir).as_posix()[:-len(lay.img_suffix)] + lay.label_suffix)))
-             for p in images]
+    img_dirs = sorted(p for p in root.glob(img_pattern) if p.is_dir()) if "*" in img_pattern else [root / img_pattern]
+    if not img_dirs or not img_dirs[0].is_dir():
+        raise DataPrepError(f"{dataset}: the image folder {root / img_pattern} does not exist; {where} (data_prep/README.md)")
+    pairs = []
+    for img_dir in img_dirs:
+        lab_dir = _matching_label_dir(img_dir, root, img_pattern, label_pattern) if "*" in img_pattern else root / label_pattern
+        pairs += [(str(p), str(lab_dir / (p.relative_to(img_dir).as_posix()[:-len(lay.img_suffix)] + lay.label_suffix)))
+                  for p in img_dir.rglob("*" + lay.img_suffix) if not p.name.startswith(".")]
+    if not pairs: raise DataPrepError(f"{dataset}: no *{lay.img_suffix} images under {root / img_pattern}; {where}")
+    pairs.sort()
     missing = [lab for _, lab in pairs if not os.path.isfile(lab)]
+    if not labels: return [(img, None if lab in set(missing) else lab) for img, lab in pairs]
     if missing:
         raise DataPrepError(f"{dataset}: {len(missing)} of {len(pairs)} images have no train-id label, e.g. {missing[0]}; "
                             f"write them with `{PREPARE_COMMANDS[dataset].format(root=root)}`")
@@ -109,7 +123,8 @@ def hrda_pipeline(dataset: str, # 'gta', 'synthia', 'cityscapes' or 'custom'
                   hr: bool = True, # HRDA (True) or the DAFormer half-resolution setting (False)
                  ) -> PipelineConfig:
     "The pipeline of the paper's configs for `dataset` in `role` (custom: original size, like Cityscapes otherwise)."
-    scales = {"gta": (2560, 1440), "synthia": (2560, 1520), "cityscapes": (2048, 1024), "custom": None}
+    scales = {"gta": (2560, 1440), "synthia": (2560, 1520), "cityscapes": (2048, 1024), "custom": None,
+              "acdc": (1920, 1080), "darkzurich": (1920, 1080)}  # MIC: ACDC and Dark Zurich at 1920×1080, no margins
     scale = scales[dataset]
     if scale is not None and not hr: scale = (scale[0] // 2, scale[1] // 2)
     crop = (1024, 1024) if hr else (512, 512)
@@ -208,7 +223,7 @@ class SegDataset(Dataset):
         self.pipeline = pipeline or hrda_pipeline(dataset, role)
         if role == "target" and self.pipeline.cat_max_ratio < 1:
             raise ValueError("cat_max_ratio < 1 would crop target images by their labels, which UDA must not read; use 1.0")
-        self.files = find_samples(root, dataset, split)
+        self.files = find_samples(root, dataset, split, labels=role == "source")  # a target may be unlabelled
 
     def __len__(self) -> int: return len(self.files)
 
@@ -226,8 +241,11 @@ class SegDataset(Dataset):
         "The decoded (H, W, 3) image and (H, W) label of sample `i` (read-only arrays when cached)."
         if self.cache is not None and i in self.cache: return self.cache[i]
         img_path, label_path = self.files[i]
-        img, label = read_image(img_path), read_label(label_path, self.num_classes)
-        check_pair(img, label, img_path, label_path)
+        img = read_image(img_path)
+        if label_path is None: label = np.full(img.shape[:2], IGNORE_INDEX, np.uint8)  # unlabelled target image
+        else:
+            label = read_label(label_path, self.num_classes)
+            check_pair(img, label, img_path, label_path)
         if self.cache is not None:
             img.flags.writeable = label.flags.writeable = False  # the pipeline must never change a cached array
             self.cache[i] = (img, label)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_overrides, provenance, resolve_paths,
                          run_name)
+from .adverse import server_label, server_name
 from .backbones import load_shape_checked
 from .core import (CLASSES, IGNORE_INDEX, ImageReadError, atomic_write, check_writable_dir, get_device, get_logger,
                        read_image, write_json, write_text)
@@ -216,10 +217,12 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
                    overrides: Sequence[str] | dict | None = None, # config changes (see `load_model`)
                    progress: bool = True, # a progress bar and a closing summary on stderr
                    max_images: int = 0, # only the first N images (0: all)
+                   server: str | None = None, # also write server/<image name>.png for this test server: cityscapes, acdc, darkzurich
                   ) -> dict[str, Any]:
     "Predict every image of `inputs` into `out_dir`; unreadable images are reported and skipped. The summary dict."
     if max_images < 0: raise ValueError(f"max_images must be >= 0 (0: all images), got {max_images}")
     if scale != "config": input_size(1, 1, scale)  # a bad scale fails now, not at the first image
+    if server is not None: server_label(np.zeros((1, 1), np.uint8), server)  # an unknown server fails now
     out, t0, log = check_writable_dir(out_dir), time.time(), get_logger("hrda.predict")
     images = list_images(inputs)  # bad inputs and output folders fail before the model loads
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, config, teacher, device, overrides)
@@ -235,6 +238,8 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
         pred = predict_image(loaded.model, rgb, scale, mode=mode, return_scales=show_scales)
         label = pred["fused"] if show_scales else pred
         files = write_prediction(out, name, rgb, label, alpha, pred if show_scales else None)
+        if server is not None:
+            files["server"] = _save_png(server_label(label, server), out / "server" / server_name(path)).relative_to(out).as_posix()
         done.append({"input": str(path), "name": name, "size": list(rgb.shape[:2]), "files": files})
     summary = {"checkpoint": loaded.info, "inputs": str(inputs) if isinstance(inputs, (str, Path)) else [str(i) for i in inputs], "out_dir": str(out), "scale": scale,
                "show_scales": show_scales, "images": len(images), "predicted": len(done), "skipped": skipped,

@@ -169,3 +169,19 @@ def test_console_entry_point_runs_as_a_program():
     res = subprocess.run([sys.executable, "-c", "from hrda.cli import main; main()", "--help"], capture_output=True,
                          text=True, cwd=ROOT)
     assert res.returncode == 0 and "evaluate" in res.stdout
+
+
+def test_prepare_darkzurich_converts_its_validation_labels(capsys, tmp_path):
+    root = tmp_path / "dz"
+    for rel, labelled in (("train/night/GOPR01", False), ("val/night/GOPR02", True)):
+        (root / "rgb_anon" / rel).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(root / "rgb_anon" / rel / "GOPR_frame_000001_rgb_anon.png")
+        if labelled:
+            (root / "gt" / rel).mkdir(parents=True)
+            Image.fromarray(np.full((8, 16), 26, np.uint8)).save(root / "gt" / rel / "GOPR_frame_000001_gt_labelIds.png")
+    code, out, _ = run(capsys, "prepare", "darkzurich", root, "--workers", "0", "--no-progress")
+    assert code == 0 and out.startswith("darkzurich: 1 label files converted")
+    label = np.array(Image.open(root / "gt" / "val" / "night" / "GOPR02" / "GOPR_frame_000001_gt_labelTrainIds.png"))
+    assert (label == 13).all()
+    code, _, err = run(capsys, "prepare", "acdc", tmp_path / "nothing", "--workers", "0")
+    assert code == 1 and "acdc: the dataset folder" in err

@@ -131,6 +131,22 @@ def test_inputs_sharing_a_name_keep_their_suffix(ckpt, tmp_path):
         predict_folder(ckpt, [src / "a.png", tmp_path / "x.png", tmp_path / "other" / "x.png"], tmp_path / "o2", device="cpu")
 
 
+def test_server_export_writes_each_servers_format(ckpt, tmp_path):
+    "--server cityscapes writes label ids, acdc train ids, each named after its image."
+    from hrda.convert import CITYSCAPES_TO_TRAINID
+    src = tmp_path / "in"
+    save(src / "aachen_000000_000019_leftImg8bit.png", rgb(40, 60))
+    cs = predict_folder(ckpt, src, tmp_path / "cs", device="cpu", progress=False, server="cityscapes")
+    ac = predict_folder(ckpt, src, tmp_path / "ac", device="cpu", progress=False, server="acdc")
+    train_ids = np.array(Image.open(tmp_path / "ac" / "labels" / "aachen_000000_000019_leftImg8bit.png"))
+    label_ids = np.array(Image.open(tmp_path / "cs" / "server" / "aachen_000000_000019_leftImg8bit.png"))
+    assert np.array_equal(np.array(Image.open(tmp_path / "ac" / "server" / "aachen_000000_000019_leftImg8bit.png")), train_ids)
+    back = np.vectorize(lambda i: CITYSCAPES_TO_TRAINID.get(int(i), 255))(label_ids)
+    assert np.array_equal(back, train_ids) and cs["items"][0]["files"]["server"] == "server/aachen_000000_000019_leftImg8bit.png"
+    with pytest.raises(ValueError, match="no test server format for 'gta'"):
+        predict_folder(ckpt, src, tmp_path / "x", device="cpu", progress=False, server="gta")
+
+
 def test_show_scales_writes_the_four_maps(ckpt, loaded, tmp_path):
     img = rgb(60, 90, seed=2)
     src = save(tmp_path / "scene.png", img)
