@@ -54,7 +54,9 @@ def build_optimizer(model: nn.Module, # the student segmentor (only its trainabl
     "The AdamW optimiser of HRDA/DAFormer with the parameter-wise rules of `param_groups`."
     groups = param_groups(model, lr, weight_decay, custom_keys)
     if not groups: raise ValueError("the model has no trainable parameters; did you pass the teacher instead of the student?")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    device = groups[0]["params"][0][1].device.type
+    fused = device in ("cpu", "cuda", "mps")  # one kernel for all tensors, and no per-tensor step count read back to the host
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 # %% ../nbs/05a_optim.ipynb #7573cd16
 def lr_at(t: int, # the 0-based iteration about to run
