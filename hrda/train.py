@@ -187,8 +187,9 @@ def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device,
     return ckpt, changes
 
 def _ignore_interrupts(worker_id: int):
-    "Loader processes leave Ctrl-C to the training process, which stops after the iteration it is in."
+    "Loader processes leave Ctrl-C and SIGTERM (sent to the whole group by a terminal or a job scheduler) to the training process, which stops after the iteration it is in; they end with it."
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 class GracefulStop:
     "Inside `with`, SIGINT and SIGTERM ask the loop to stop after the current iteration; a second Ctrl-C stops at once."
