@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -344,3 +345,23 @@ def test_exact_resume_with_masked_image_consistency(synth, tmp_path):
     for part in ("student", "teacher", "optimizer"):
         assert tensors_equal(latest_of(straight_cfg)[part], latest_of(split)[part]), part
     assert "masked.decode.loss_seg" in read_log(split.out_dir)[-1]
+
+
+def test_sigterm_to_the_process_group_ends_with_a_checkpoint(synth, tmp_path):
+    "A scheduler's SIGTERM to the whole group (training process and its loader process): exit 130, a checkpoint, a resume."
+    import time
+    import yaml
+    cfg = {**SMALL, "source_root": str(synth / "source"), "target_root": str(synth / "target"), "out_dir": str(tmp_path / "run"),
+           "eval_every": 0, "checkpoint_every": 0, "eval_classes": list(SYNTH_TRAIN_IDS), "iters": 400, "workers": 1}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [str(Path(sys.executable).parent / "hrda"), "train", "--config", str(tmp_path / "run.yaml")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3): time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by SIGTERM after iteration" in err and "Traceback" not in err
+    done = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pth")["iteration"]
+    assert 3 <= done < 400
