@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_overrides, provenance, resolve_paths,
                          run_name)
 from .adverse import server_label, server_name
@@ -29,12 +29,12 @@ from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
                              save_metrics, save_overlay, summary_line)
 from .released import ReleasedCheckpointError, load_released_checkpoint, save_mmseg_checkpoint
-from .segmentor import EncoderDecoder, HRDAEncoderDecoder, SegmentorConfig, build_segmentor, resize
+from .segmentor import TINY_MODEL, EncoderDecoder, HRDAEncoderDecoder, SegmentorConfig, build_segmentor, resize, tiny_segmentor
 
 # %% auto #0
-__all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'load_model', 'input_size', 'prepare_image', 'predict_image', 'list_images',
-           'attention_heatmap', 'write_prediction', 'predict_folder', 'default_eval_dir', 'per_class_markdown',
-           'BranchScorer', 'evaluate_checkpoint', 'attention_by_class']
+__all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'tiny_checkpoint', 'load_model', 'input_size', 'prepare_image',
+           'predict_image', 'list_images', 'attention_heatmap', 'write_prediction', 'predict_folder',
+           'default_eval_dir', 'per_class_markdown', 'BranchScorer', 'evaluate_checkpoint', 'attention_by_class']
 
 # %% ../nbs/08_predict.ipynb #ae61dede
 class LoadedModel(NamedTuple):
@@ -54,6 +54,17 @@ def _train_config(stored: dict, overrides: Sequence[str] | dict | None, source: 
 def _fresh_model(cfg: TrainConfig) -> EncoderDecoder:
     "The segmentor of `cfg` without ImageNet weights (the checkpoint replaces every weight)."
     return build_segmentor(dataclasses.replace(narrow(SegmentorConfig, cfg), pretrained=None))
+
+# %% ../nbs/08_predict.ipynb #ee637f03
+def tiny_checkpoint(path: str | Path, # where the .pth goes
+                    seed: int = 0, # the student's weights; the teacher's are drawn from seed + 1
+                    **overrides, # TrainConfig keys
+                   ) -> Path:
+    "A training checkpoint of an untrained `TINY_MODEL` run (test scale 128×64): a fixture for examples and tests."
+    cfg = load_config(TrainConfig, overrides={**TINY_MODEL, "target_scale": [128, 64], "device": "cpu", **overrides})
+    student, teacher = (tiny_segmentor(s, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SegmentorConfig)})
+                        for s in (seed, seed + 1))
+    return save_checkpoint(path, 3, config_to_dict(cfg), student=student.state_dict(), teacher=teacher.state_dict())
 
 # %% ../nbs/08_predict.ipynb #f586dac6
 def load_model(checkpoint: str | Path, # a training checkpoint (.pth of hrda.train) or, with `config`, a released one

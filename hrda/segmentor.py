@@ -21,8 +21,8 @@ from .crops import (Box, box_hw, crop, crop_windows, insert_box, sample_crop_box
 from .heads import create_head
 
 # %% auto #0
-__all__ = ['BACKBONE_STRIDE', 'SegmentorConfig', 'resize', 'fuse', 'seg_ce_loss', 'blur_downup', 'EncoderDecoder',
-           'HRDAEncoderDecoder', 'build_segmentor']
+__all__ = ['BACKBONE_STRIDE', 'TINY_MODEL', 'SegmentorConfig', 'resize', 'fuse', 'seg_ce_loss', 'blur_downup', 'EncoderDecoder',
+           'HRDAEncoderDecoder', 'build_segmentor', 'tiny_segmentor']
 
 # %% ../nbs/04_segmentor.ipynb #a13ac3f2
 @dataclass
@@ -356,3 +356,17 @@ def build_segmentor(cfg: SegmentorConfig, # the options
     n_att = cfg.num_classes if cfg.attention_classwise else 1
     attention = create_head(cfg.attention_head, backbone.out_channels, n_att, **{**strides, **cfg.attention_head_kwargs})
     return HRDAEncoderDecoder(cfg, backbone, head, attention)
+
+# %% ../nbs/04_segmentor.ipynb #2c7a0061
+TINY_MODEL: dict[str, Any] = dict(  # a model that trains in CPU seconds, for examples and tests (config keys)
+    backbone="cnn", backbone_kwargs={"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
+    head_kwargs={"channels": 16, "embed_dims": 16}, attention_head_kwargs={"channels": 16, "embed_dims": 16},
+    hr_crop_size=(64, 64), test_crop_size=(128, 128), test_stride=(64, 64))
+
+def tiny_segmentor(seed: int = 0, # draws the weights (torch's global generator is left as it was)
+                   **overrides, # SegmentorConfig keys, e.g. single_scale=0.5
+                  ) -> EncoderDecoder:
+    "The `TINY_MODEL` with 4 classes: the small CNN (widths 8-32) and 16-wide heads, 64-px detail crops on 128-px context crops."
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_segmentor(SegmentorConfig(**{**TINY_MODEL, "num_classes": 4, **overrides}))

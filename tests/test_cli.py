@@ -13,12 +13,10 @@ from hrda.checkpoint import CheckpointError, save_checkpoint
 from hrda.config import config_to_dict, load_config
 from hrda.segmentor import build_segmentor
 from hrda.config import TrainConfig, narrow
-from hrda.segmentor import SegmentorConfig
+from hrda.segmentor import TINY_MODEL, SegmentorConfig
 from conftest import ROOT
 
-TINY = {"backbone": "cnn", "backbone_kwargs": {"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
-        "head_kwargs": {"channels": 16, "embed_dims": 16}, "attention_head_kwargs": {"channels": 16, "embed_dims": 16},
-        "hr_crop_size": [64, 64], "test_crop_size": [128, 128], "test_stride": [64, 64], "target_scale": [128, 64]}
+TINY = {**TINY_MODEL, "target_scale": [128, 64]}  # the shared tiny model, tested at 128x64
 
 
 @pytest.fixture(scope="module", autouse=True)

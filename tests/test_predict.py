@@ -1,4 +1,5 @@
 """Inference from checkpoints: full-size predictions of any image, prediction folders, evaluation files."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,22 +16,15 @@ from hrda.predict import evaluate_checkpoint, load_model, predict_folder, predic
 from hrda.released import save_mmseg_checkpoint
 from hrda.segmentor import build_segmentor
 from hrda.config import TrainConfig, narrow
-from hrda.segmentor import SegmentorConfig
+from hrda.segmentor import TINY_MODEL, SegmentorConfig, tiny_segmentor
 
-TINY = {"backbone": "cnn", "backbone_kwargs": {"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
-        "head_kwargs": {"channels": 16, "embed_dims": 16}, "attention_head_kwargs": {"channels": 16, "embed_dims": 16},
-        "hr_crop_size": [64, 64], "test_crop_size": [128, 128], "test_stride": [64, 64], "target_scale": [256, 128],
-        "device": "cpu"}
+TINY = {**TINY_MODEL, "target_scale": [256, 128], "device": "cpu"}  # the shared tiny model, tested at 256x128
 
 
 def tiny_models(seed=0, **kw):
     cfg = load_config(TrainConfig, overrides={**TINY, **kw})
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        student = build_segmentor(narrow(SegmentorConfig, cfg))
-        torch.manual_seed(seed + 1)
-        teacher = build_segmentor(narrow(SegmentorConfig, cfg))
-    return cfg, student, teacher
+    model_keys = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SegmentorConfig)}
+    return cfg, tiny_segmentor(seed, **model_keys), tiny_segmentor(seed + 1, **model_keys)
 
 
 def write_checkpoint(path, seed=0, with_teacher=True, **kw):
