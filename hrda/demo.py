@@ -216,7 +216,8 @@ def training_seconds(out_dir: str | Path, # the demo folder
                     ) -> dict[str, list[float | None]]:
     "Per method, the training wall time of each seed's run (its metrics.json), so reused runs keep their real cost."
     wall = lambda m, s: (_read(run_folder(out_dir, m, s) / "metrics.json") or {}).get("wall_time_s")
-    return {name: [wall(m, s) for s in seeds] for m, name in METHODS.items()}
+    walls = {name: [wall(m, s) for s in seeds] for m, name in METHODS.items()}
+    return {name: w for name, w in walls.items() if any(v is not None for v in w)}  # only the methods that ran
 
 def machine_class() -> dict[str, Any]:
     "What decides bit-identical CPU numbers here: the processor, torch's thread count, the torch build."

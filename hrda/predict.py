@@ -55,7 +55,7 @@ def _fresh_model(cfg: TrainConfig) -> EncoderDecoder:
     "The segmentor of `cfg` without ImageNet weights (the checkpoint replaces every weight)."
     return build_segmentor(dataclasses.replace(narrow(SegmentorConfig, cfg), pretrained=None))
 
-# %% ../nbs/08_predict.ipynb #ee637f03
+# %% ../nbs/08_predict.ipynb #cf78de5a
 def tiny_checkpoint(path: str | Path, # where the .pth goes
                     seed: int = 0, # the student's weights; the teacher's are drawn from seed + 1
                     **overrides, # TrainConfig keys

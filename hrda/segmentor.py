@@ -357,7 +357,7 @@ def build_segmentor(cfg: SegmentorConfig, # the options
     attention = create_head(cfg.attention_head, backbone.out_channels, n_att, **{**strides, **cfg.attention_head_kwargs})
     return HRDAEncoderDecoder(cfg, backbone, head, attention)
 
-# %% ../nbs/04_segmentor.ipynb #2c7a0061
+# %% ../nbs/04_segmentor.ipynb #67d9a037
 TINY_MODEL: dict[str, Any] = dict(  # a model that trains in CPU seconds, for examples and tests (config keys)
     backbone="cnn", backbone_kwargs={"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
     head_kwargs={"channels": 16, "embed_dims": 16}, attention_head_kwargs={"channels": 16, "embed_dims": 16},
