@@ -61,3 +61,19 @@ def test_sync_finder_says_it_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(find_syncs.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         find_syncs.main([])
+
+
+def test_operator_counter_finds_the_host_reads_it_is_told_of(monkeypatch):
+    "count_ops counts every operator of a step and attributes a planted .item() to its line of hrda code."
+    import count_ops
+    import hrda.dacs
+    cfg_args = ["--crop", "64", "--set", *[a for a in TINY if not a.startswith(("crop_size", "hr_crop_size"))]]
+    base = count_ops.main(cfg_args)
+    assert base["operators"] > 1000 and base["host_reads"] < 20  # the fused optimiser reads no step counts back
+    real = hrda.dacs.pseudo_label
+    def reads_more(*args, **kwargs):
+        out = real(*args, **kwargs)
+        for _ in range(5): out[0].sum().item()  # five planted host reads
+        return out
+    monkeypatch.setattr(hrda.dacs, "pseudo_label", reads_more)
+    assert count_ops.main(cfg_args)["host_reads"] == base["host_reads"] + 5
