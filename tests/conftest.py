@@ -37,3 +37,13 @@ def repo_copy(tmp_path):
     for name in ("nbs", "hrda"):
         shutil.copytree(ROOT / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
     return dst
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    "A tiny synthetic benchmark: 8 source, 8 target-train and 4 target-val images of 64x128, made once per session."
+    from hrda.synth import generate_benchmark, prepare_synth
+    root = tmp_path_factory.mktemp("synth")
+    generate_benchmark(root, n_source=8, n_target=8, n_val=4, size=(64, 128), seed=0, workers=0)
+    prepare_synth(root, workers=0)
+    return root

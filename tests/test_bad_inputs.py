@@ -12,34 +12,14 @@ import torch
 from PIL import Image
 
 import hrda.cli as cli
-from hrda.checkpoint import save_checkpoint
-from hrda.config import TrainConfig, config_to_dict, load_config, narrow
-from hrda.segmentor import SegmentorConfig, build_segmentor
-from hrda.synth import generate_benchmark, prepare_synth
+from hrda.predict import tiny_checkpoint
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tests"))
-from test_cli import TINY  # noqa: E402  (the tiny model of the command-line tests)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     "A training checkpoint of the tiny model (untrained weights: the errors come before any prediction matters)."
-    cfg = load_config(TrainConfig, overrides=TINY)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_segmentor(narrow(SegmentorConfig, cfg))
-    path = tmp_path_factory.mktemp("runs") / "exp" / "s0" / "checkpoints" / "latest.pth"
-    return save_checkpoint(path, 3, config_to_dict(cfg), student=model.state_dict(), teacher=model.state_dict())
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    "A tiny synthetic benchmark with its class statistics (train ids up to 18)."
-    root = tmp_path_factory.mktemp("synth")
-    generate_benchmark(root, n_source=4, n_target=4, n_val=2, size=(64, 128), seed=0, workers=0)
-    prepare_synth(root, workers=0)
-    return root
+    return tiny_checkpoint(tmp_path_factory.mktemp("runs") / "exp" / "s0" / "checkpoints" / "latest.pth")
 
 
 def cityscapes_val(root, label=None, label_mode=None, label_size=(32, 64)):

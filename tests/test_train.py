@@ -18,22 +18,13 @@ from conftest import ROOT
 from hrda.checkpoint import CheckpointError, load_checkpoint
 from hrda.core import ConfigError
 from hrda.config import load_config
-from hrda.synth import SYNTH_TRAIN_IDS, generate_benchmark, prepare_synth
+from hrda.synth import SYNTH_TRAIN_IDS
 import hrda.train
 from hrda.train import NonFiniteLossError, read_log, train, train_cli
 from hrda.config import TrainConfig
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ddp_worker import SMALL  # noqa: E402  (the tiny model and crop settings, shared with the torchrun worker)
-
-
-@pytest.fixture(scope="session")
-def synth(tmp_path_factory):
-    "A tiny synthetic benchmark: 8 source, 8 target-train and 4 target-val images of 64x128, made once per session."
-    root = tmp_path_factory.mktemp("synth")
-    generate_benchmark(root, n_source=8, n_target=8, n_val=4, size=(64, 128), seed=0, workers=0)
-    prepare_synth(root, workers=0)
-    return root
 
 
 @pytest.fixture(autouse=True)
