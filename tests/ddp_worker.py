@@ -80,6 +80,9 @@ def train_runs(data: Path, out: Path):
     fixed = load_config(TrainConfig, overrides={**SMALL, **roots, "iters": 2, "fixed_attention": 0.5,
                                                 "out_dir": str(out / "fixed")})
     train(fixed, resume=False)
+    mic = load_config(TrainConfig, overrides={**SMALL, **roots, "iters": 2, "mic_lambda": 1.0, "mic_block_size": 16,
+                                              "out_dir": str(out / "mic")})
+    train(mic, resume=False)  # masked image consistency: one more forward and backward per iteration under DDP
 
 
 if __name__ == "__main__":

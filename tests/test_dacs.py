@@ -429,3 +429,11 @@ def test_mic_off_draws_nothing_and_changes_nothing():
     assert torch.equal(ga.get_state(), gb.get_state())
     c, _, lc, gc = run_standin(0, cfg=DACSConfig(mic_lambda=1.0))
     assert not torch.equal(ga.get_state(), gc.get_state()) and "masked.decode.loss_seg" in lc[-1]
+
+
+def test_mic_step_under_bf16_autocast():
+    student, teacher, imnet = make_models(0)
+    opt = build_optimizer(student, lr=1e-3)
+    out = dacs_step(student, teacher, imnet, opt, toy_batch(0), 1, make_generator(0), DACSConfig(mic_lambda=1.0),
+                    amp_dtype=torch.bfloat16)
+    assert math.isfinite(out.logs["masked.decode.loss_seg"]) and all(torch.isfinite(p).all() for p in student.parameters())

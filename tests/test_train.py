@@ -210,7 +210,7 @@ def test_two_process_training(synth, tmp_path):
     assert step["grad_diff"] <= 1e-5 * step["grad_max"], step
     assert step["param_diff"] <= 1e-5 * step["param_update"], step
     assert step["buffer_diff"] <= 1e-4 * step["buffer_update"], step  # BN running statistics of the global batch
-    for run, iters in (("train", 4), ("fixed", 2)):
+    for run, iters in (("train", 4), ("fixed", 2), ("mic", 2)):
         metrics = json.loads((tmp_path / run / "metrics.json").read_text())
         assert (metrics["world_size"], metrics["iterations"], metrics["finished"]) == (2, iters, True)
         assert metrics["final"]["num_images"] == 4  # evaluation sharded over both processes, then summed
