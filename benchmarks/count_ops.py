@@ -2,8 +2,8 @@
 """Operators and host reads of one HRDA self-training iteration, counted at the dispatcher on the CPU.
 
 Every ATen operator that `hrda.dacs.dacs_step` dispatches (forward, backward, optimiser, EMA) is counted, and so is
-every read of a tensor value back to the host (`aten::_local_scalar_dense`: `.item()`, `.tolist()`, `bool(tensor)`,
-`int(tensor)`), which on a GPU is a synchronisation. Operators whose output shape depends on the data (`nonzero`,
+every read of a tensor value back to the host (`aten::_local_scalar_dense`: `.item()`, `bool(tensor)`, `int(tensor)`;
+and `.tolist()`, which bypasses the dispatcher and is counted by wrapping it), which on a GPU is a synchronisation. Operators whose output shape depends on the data (`nonzero`,
 `unique`, `masked_select`, boolean indexing) are listed too: they also synchronise and defeat CUDA graphs. The
 structure is the paper's (MiT-B5, batch 2 + 2, feature distance, HR slide pseudo-labels, ClassMix); only the crops are
 scaled down (`--crop`), so the count is the GPU run's and needs no GPU.
@@ -62,7 +62,15 @@ def count(cfg: TrainConfig, t: int = 2) -> OpCounter:
     step, _ = make_step(cfg, torch.device("cpu"), "fp32")
     for i in range(t): step(i)
     counter = OpCounter()
-    with counter: step(t)
+    tolist = torch.Tensor.tolist  # reads a whole tensor back without passing the dispatcher: counted here
+
+    def counted_tolist(self):
+        counter.reads[where_in_hrda() + " (tolist)"] += 1
+        return tolist(self)
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with counter: step(t)
+    finally: torch.Tensor.tolist = tolist
     return counter
 
 
