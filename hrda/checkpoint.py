@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -15,7 +15,7 @@ from .core import save_torch
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CheckpointError', 'rng_states', 'restore_rng_states', 'save_checkpoint',
-           'load_checkpoint', 'config_differences']
+           'load_checkpoint']
 
 # %% ../nbs/06_checkpoint.ipynb #32e3f12f
 CHECKPOINT_FORMAT = "hrda-checkpoint"
@@ -90,10 +90,3 @@ def load_checkpoint(path: str | Path, # a file written by `save_checkpoint`
         raise CheckpointError(f"{path} has checkpoint format version {obj['version']}, newer than this hrda "
                               f"(version {CHECKPOINT_VERSION}); update hrda to read it")
     return obj
-
-def config_differences(saved: dict, # the config a checkpoint stores
-                       config: dict, # the config of the run that wants to continue from it
-                       keys: Sequence[str], # the keys that must agree
-                      ) -> list[str]:
-    "'key: checkpoint X, run Y' for every key of `keys` on which `saved` and `config` differ."
-    return [f"{k}: checkpoint {saved.get(k)!r}, run {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k)]

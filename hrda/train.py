@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .backbones import load_shape_checked
-from .checkpoint import CheckpointError, config_differences, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, provenance, resolve_paths, resume_keys,
                          run_dir, run_name)
 from .core import (ConfigError, autocast_dtype, get_logger, make_generator, portable_path, portable_record,
@@ -177,13 +177,13 @@ def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device,
     ckpt = load_checkpoint(path, map_location=device)
     saved = ckpt["config"]  # compared in the portable form the checkpoint stores; keys it predates are not compared
     now = portable_record(config_to_dict(cfg))
-    diffs = config_differences(saved, now, [k for k in resume_keys() if k in saved])
-    if diffs and not allow_config_change:
-        raise CheckpointError(f"{path} was trained with other settings ({'; '.join(diffs)}), so this run cannot "
-                              "continue from it: use the run's own settings, start a new run (another out_dir or run "
-                              "name), or pass --allow-config-change to continue with the change recorded")
     changes = [{"iteration": ckpt["iteration"], "key": k, "from": saved[k], "to": now.get(k)}
                for k in resume_keys() if k in saved and saved[k] != now.get(k)]
+    if changes and not allow_config_change:
+        diffs = "; ".join(f"{c['key']}: checkpoint {c['from']!r}, run {c['to']!r}" for c in changes)
+        raise CheckpointError(f"{path} was trained with other settings ({diffs}), so this run cannot "
+                              "continue from it: use the run's own settings, start a new run (another out_dir or run "
+                              "name), or pass --allow-config-change to continue with the change recorded")
     return ckpt, changes
 
 def _ignore_interrupts(worker_id: int):
