@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from hrda.core import get_device, write_json, write_text  # noqa: E402
+from hrda.core import get_device
+from hrda.files import write_json, write_text  # noqa: E402
 
 # (where, channels, side of the map, dilation) for a 512² input: Mix-FFN's hidden map in each MiT-B5 stage, and the
 # DAFormer head's ASPP branches on the 4 × 256 concatenated embeddings; batch 2 (a crop pair) or 18 (the teacher's 9 HR

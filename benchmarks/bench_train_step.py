@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_model import _cpu_peak_mb, _reset_cpu_peak, _sync  # noqa: E402
 from hrda.config import TrainConfig, load_config, narrow  # noqa: E402
-from hrda.core import autocast_dtype, get_device, make_generator, write_json, write_text  # noqa: E402
+from hrda.core import autocast_dtype, get_device, make_generator
+from hrda.files import write_json, write_text  # noqa: E402
 from hrda.dacs import DACSConfig, dacs_step  # noqa: E402
 from hrda.optim import build_optimizer  # noqa: E402
 from hrda.segmentor import SegmentorConfig, build_segmentor  # noqa: E402

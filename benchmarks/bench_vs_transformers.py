@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_model import _sync  # noqa: E402
 from hrda.backbones import MIT_CONFIGS, create_backbone, to_huggingface_keys  # noqa: E402
-from hrda.core import get_device, write_json, write_text  # noqa: E402
+from hrda.core import get_device
+from hrda.files import write_json, write_text  # noqa: E402
 
 
 def hf_encoder(name: str):

@@ -18,7 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .core import CLASSES, atomic_write, colorize, get_logger, read_image, resolve_path, write_json, write_text
+from .core import CLASSES, colorize, get_logger
+from .files import atomic_write, read_image, resolve_path, write_json, write_text
 from .evaluation import metrics_table, read_label_png
 
 # %% auto #0

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .core import save_torch
+from .files import save_torch
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'CheckpointError', 'rng_states', 'restore_rng_states', 'save_checkpoint',

@@ -18,7 +18,8 @@ import torch
 
 import hrda
 
-from .core import ConfigError, Precision, allowed, check_ranges, coerce_value, read_yaml, repo_root, resolve_path
+from .core import ConfigError, Precision, allowed, check_ranges, coerce_value, read_yaml
+from .files import repo_root, resolve_path
 from .dacs import DACSConfig
 from .segmentor import SegmentorConfig
 

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .core import CLASSES, IGNORE_INDEX, atomic_write, read_yaml, write_json, write_text, write_yaml
+from .core import CLASSES, IGNORE_INDEX, read_yaml
+from .files import atomic_write, write_json, write_text, write_yaml
 
 # %% auto #0
 __all__ = ['CITYSCAPES_TO_TRAINID', 'GTA_TO_TRAINID', 'CITYSCAPES_LABEL_IDS', 'SYNTHIA_TO_TRAINID', 'SYNTHIA_LABEL_IDS',

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .core import IGNORE_INDEX, MEAN, STD, make_generator, read_image, read_label, read_yaml
+from .core import IGNORE_INDEX, MEAN, STD, make_generator, read_yaml
+from .files import read_image, read_label
 from .convert import PREPARE_COMMANDS, DataPrepError
 
 # %% auto #0

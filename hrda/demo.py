@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .analysis import FINE_CLASSES, fine_miou
-from .core import CLASSES, portable_path, repo_root, resolve_path, write_json, write_text
+from .core import CLASSES
+from .files import portable_path, repo_root, resolve_path, write_json, write_text
 from .config import load_config, seed_run_name
 
 # %% auto #0

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import nbformat
 import yaml
 
-from .core import repo_root, write_text
+from .files import repo_root, write_text
 
 # %% auto #0
 __all__ = ['FIX_EXPORT', 'FIX_CLEAN', 'FIX_README', 'README_HEADER', 'MACHINE_PATH', 'WARNING_TEXT', 'SIDEBAR_CSS',
@@ -158,7 +158,7 @@ def portability_problems(root: str | Path | None = None, # repository root (defa
         for n, line in enumerate(text.splitlines(), 1):
             if m := (own.search(line) or MACHINE_PATH.search(line)):
                 problems.append(f"{rel}:{n}: absolute path {line[m.start():m.start() + 60].split()[0]!r}; record it "
-                                "relative to the repository root (hrda.core.portable_path)")
+                                "relative to the repository root (hrda.files.portable_path)")
                 break  # one line per file is enough to act on
     return problems
 

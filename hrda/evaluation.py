@@ -18,8 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .core import (CLASSES, IGNORE_INDEX, PALETTE, ImageReadError, atomic_write, class_subset, colorize, get_device,
-                       write_json)
+from .core import CLASSES, IGNORE_INDEX, PALETTE, class_subset, colorize, get_device
+from .files import ImageReadError, atomic_write, write_json
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'iou_acc', 'segmentation_metrics', 'ConfusionMeter', 'logits_to_label', 'evaluate',

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from .core import ConfigError, read_yaml, repo_root
+from .core import ConfigError, read_yaml
+from .files import repo_root
 from .config import TrainConfig, load_config, narrow, seed_run_name
 from .segmentor import SegmentorConfig
 

@@ -23,8 +23,8 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_ove
                          run_name)
 from .adverse import server_label, server_name
 from .backbones import load_shape_checked
-from .core import (CLASSES, IGNORE_INDEX, ImageReadError, atomic_write, check_writable_dir, get_device, get_logger,
-                       read_image, write_json, write_text)
+from .core import CLASSES, IGNORE_INDEX, get_device, get_logger
+from .files import ImageReadError, atomic_write, check_writable_dir, read_image, write_json, write_text
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
                              save_metrics, save_overlay, summary_line)

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .backbones import load_shape_checked
-from .core import get_logger, save_torch
+from .core import get_logger
+from .files import save_torch
 from .segmentor import EncoderDecoder
 
 # %% auto #0

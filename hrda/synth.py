@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .core import CLASSES, IGNORE_INDEX, PALETTE, atomic_write, derive_seed, write_json
+from .core import CLASSES, IGNORE_INDEX, PALETTE, derive_seed
+from .files import atomic_write, write_json
 
 # %% auto #0
 __all__ = ['LABEL_IDS', 'SYNTH_CLASSES', 'SYNTH_TRAIN_IDS', 'FINE_CLASSES', 'RGB', 'SOURCE_STYLE', 'TARGET_STYLE', 'SPLITS',

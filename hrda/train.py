@@ -22,8 +22,8 @@ from .backbones import load_shape_checked
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import (TrainConfig, config_to_dict, load_config, narrow, provenance, resolve_paths, resume_keys,
                          run_dir, run_name)
-from .core import (ConfigError, autocast_dtype, get_logger, make_generator, portable_path, portable_record,
-                       resolve_path, seed_everything, write_json, write_text, write_yaml)
+from .core import ConfigError, autocast_dtype, get_logger, make_generator, seed_everything
+from .files import portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
 from .dacs import DACSConfig, dacs_step
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ROOT  # noqa: F401  (puts the repository on the path like the other tests)
-from hrda.core import CLASSES, ImageReadError, class_subset, colorize, read_image
+from hrda.core import CLASSES, class_subset, colorize
+from hrda.files import ImageReadError, read_image
 from hrda.evaluation import (ConfusionMeter, confusion_matrix, evaluate, iou_acc, load_metrics,
                              logits_to_label, metrics_table, overlay, read_label_png, save_color_png,
                              save_label_png, save_metrics, save_overlay, segmentation_metrics)

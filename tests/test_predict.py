@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from hrda.checkpoint import CheckpointError, save_checkpoint
-from hrda.core import CLASSES, colorize, read_image, write_yaml
+from hrda.core import CLASSES, colorize
+from hrda.files import read_image, write_yaml
 from hrda.config import config_to_dict, load_config
 from hrda.evaluation import logits_to_label, read_label_png
 from hrda.predict import evaluate_checkpoint, load_model, predict_folder, predict_image, prepare_image
