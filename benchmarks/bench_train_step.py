@@ -74,10 +74,10 @@ def reset_peak(device: torch.device) -> None:
 
 def dwconv_on_contiguous(on: bool) -> None:
     "Experiment: Mix-FFN's depthwise conv on a contiguous (NCHW) copy of its input instead of the channels-last view."
-    from hrda import backbones
-    if not hasattr(backbones.DWConv, "_view_forward"): backbones.DWConv._view_forward = backbones.DWConv.forward
-    backbones.DWConv.forward = (lambda self, x, h, w: self.dwconv(backbones.tokens_to_map(x, h, w).contiguous())
-                                .flatten(2).transpose(1, 2)) if on else backbones.DWConv._view_forward
+    from hrda import mit
+    if not hasattr(mit.DWConv, "_view_forward"): mit.DWConv._view_forward = mit.DWConv.forward
+    mit.DWConv.forward = (lambda self, x, h, w: self.dwconv(mit.tokens_to_map(x, h, w).contiguous())
+                                .flatten(2).transpose(1, 2)) if on else mit.DWConv._view_forward
 
 
 def start_variant(device: torch.device, cudnn_benchmark: bool, layout: str) -> None:

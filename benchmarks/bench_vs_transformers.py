@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_model import _sync  # noqa: E402
-from hrda.backbones import MIT_CONFIGS, create_backbone, to_huggingface_keys  # noqa: E402
+from hrda.backbones import create_backbone
+from hrda.mit import MIT_CONFIGS, to_huggingface_keys  # noqa: E402
 from hrda.core import get_device
 from hrda.files import write_json, write_text  # noqa: E402
 

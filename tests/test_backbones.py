@@ -6,9 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import ROOT  # noqa: F401  (repository root on sys.path)
-from hrda.backbones import (MIT_CONFIGS, DropPath, LoadReport, MixTransformer, SmallCNN, TimmBackbone,
-                            convert_mit_state_dict, create_backbone, load_pretrained, read_state_dict,
-                            to_huggingface_keys)
+from hrda.backbones import LoadReport, SmallCNN, TimmBackbone, create_backbone, load_pretrained, read_state_dict
+from hrda.mit import MIT_CONFIGS, DropPath, MixTransformer, convert_mit_state_dict, to_huggingface_keys
 
 # (name, constructor kwargs) of every backbone family, at sizes that run in well under a second on a CPU
 REGISTRY = [
