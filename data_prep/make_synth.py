@@ -3,7 +3,7 @@
 Usage: python data_prep/make_synth.py data/synth [--seed 0] [--n-source 300] [--n-target 300] [--n-val 60]
                                       [--height 256] [--width 512] [--workers N] [--no-prepare]
 
-A thin wrapper around hrda.synth.synth_cli (nbs/01b_synth.ipynb). Re-running skips the files already written.
+A thin wrapper around hrda.synth.synth_cli (nbs/01c_synth.ipynb). Re-running skips the files already written.
 """
 import sys
 from pathlib import Path

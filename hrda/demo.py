@@ -369,7 +369,7 @@ def demo_readme(results: dict, # the content of results.json
                ) -> str:
     "The markdown report of a demo run."
     from hrda.analysis import results_table
-    from hrda.synth import SYNTH_TRAIN_IDS
+    from hrda.scenes import SYNTH_TRAIN_IDS
     rows, seeds = results["rows"], results["seeds"]
     table = lambda r: results_table(r, classes=[CLASSES[i] for i in SYNTH_TRAIN_IDS], fine_classes=FINE_CLASSES)
     methods = {k: v for k, v in rows.items() if k in METHODS.values()}

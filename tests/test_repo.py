@@ -148,6 +148,7 @@ def test_portability_check_fails_on_a_planted_absolute_path_and_warning(repo_cop
 _DOC, _QUIRK = "sp" + "ec", "qui" + "rk"
 _MISSING_DOC = re.compile(rf"\b{_DOC}\s*§|\b{_DOC}\s+\d|\b{_DOC}\.md\b|\b{_DOC}\s+{_QUIRK}|\b{_QUIRK}s?\s+\d"
                           rf"|(?-i:\({_DOC.upper()}\))", re.IGNORECASE)  # "(<DOC>)" in capitals only: a lower-case one is code
+_NOTES_FILE = re.compile(r"\b([A-Z][A-Z0-9_]+\.md)\b")  # NOTES.md, DESIGN.md, ...: fine when the clone has one
 _TEXT_SUFFIXES = {".ipynb", ".py", ".md", ".yaml", ".yml", ".ini", ".txt", ".cfg", ".toml", ".sh"}
 
 
@@ -158,7 +159,9 @@ def test_no_tracked_file_cites_a_document_missing_from_the_repository():
         assert _MISSING_DOC.search(text), text
     assert not _MISSING_DOC.search(f"for {_DOC} in specs: set({_DOC}), {_DOC}['id']; a {_QUIRK}: on the scaled logits")
     hits = []
-    for path in tracked_files(ROOT, "."):
+    tracked = tracked_files(ROOT, ".")
+    names = {path.name for path in tracked}
+    for path in tracked:
         rel = path.relative_to(ROOT)
         if (path.suffix not in _TEXT_SUFFIXES and path.name != "Makefile") or \
                 any(part.startswith(".") and part != ".ci" for part in rel.parts[:-1]):  # .venv etc. in a copy without git
@@ -166,4 +169,5 @@ def test_no_tracked_file_cites_a_document_missing_from_the_repository():
         for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if m := _MISSING_DOC.search(line):
                 hits.append(f"{rel.as_posix()}:{i}: {m.group(0)!r}")
+            hits += [f"{rel.as_posix()}:{i}: {name!r}" for name in _NOTES_FILE.findall(line) if name not in names]
     assert not hits, f"{len(hits)} references to a document that is not in the repository, e.g.:\n" + "\n".join(hits[:15])

@@ -9,9 +9,8 @@ from PIL import Image
 
 from conftest import ROOT  # noqa: F401  (the repository root; imports hrda from the checkout)
 from hrda.core import derive_seed
-from hrda.synth import (FINE_CLASSES, LABEL_IDS, SOURCE_STYLE, SYNTH_CLASSES, SYNTH_TRAIN_IDS, TARGET_STYLE, VAL_CITIES,
-                        color_stats, generate_benchmark, grid_iou, make_sample, prepare_synth, render_scene, run_widths,
-                        sample_layout, synth_paths, to_train_ids)
+from hrda.synth import (VAL_CITIES, color_stats, generate_benchmark, grid_iou, make_sample, prepare_synth, run_widths, synth_paths)
+from hrda.scenes import (FINE_CLASSES, LABEL_IDS, SOURCE_STYLE, SYNTH_CLASSES, SYNTH_TRAIN_IDS, TARGET_STYLE, render_scene, sample_layout, to_train_ids)
 
 SMALL = dict(n_source=3, n_target=3, n_val=2)
 
@@ -144,7 +143,7 @@ def test_road_and_sidewalk_differ_by_context_only():
 
 def test_riders_are_pedestrians_on_bicycles():
     import dataclasses
-    from hrda.synth import SceneObject
+    from hrda.scenes import SceneObject
     clean = dataclasses.replace(SOURCE_STYLE, texture={}, grain={}, noise=(0, 0), jitter=0)
     base = sample_layout(np.random.default_rng(4), n_poles=(0, 0), n_persons=(0, 0), n_riders=(0, 0), n_cars=(0, 0))
     s, h = 90.0, 1.15

@@ -18,7 +18,7 @@ from conftest import ROOT
 from hrda.checkpoint import CheckpointError, load_checkpoint
 from hrda.core import ConfigError
 from hrda.config import load_config
-from hrda.synth import SYNTH_TRAIN_IDS
+from hrda.scenes import SYNTH_TRAIN_IDS
 import hrda.train
 from hrda.train import NonFiniteLossError, read_log, train, train_cli
 from hrda.config import TrainConfig
