@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd

@@ -5,12 +5,10 @@
 # %% ../nbs/05_dacs.ipynb #205c6532
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .augment import block_mask, strong_augment

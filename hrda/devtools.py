@@ -9,7 +9,6 @@ import configparser
 import filecmp
 import html
 import json
-import os
 import re
 import shutil
 import subprocess

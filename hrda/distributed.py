@@ -10,7 +10,6 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 
 from .core import get_device
 

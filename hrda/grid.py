@@ -138,7 +138,6 @@ def run_grid(paths: str | Path | Sequence[str | Path], # grid or experiment YAML
 
 def grid_cli(argv: Sequence[str] | None = None) -> int:
     "`experiments/run_grid.py GRID.yaml ... [--seeds 0 1 2] [--launcher hrda] [--nproc N] [--only ID ...] [--dry-run]`."
-    import argparse
     from hrda.core import CommandParser
     p = CommandParser(prog="run_grid.py", description="Train every (run, seed) of experiment grids, "
                                 "skipping finished runs; run folders go to reports/<grid>/<id>/s<seed>.")

@@ -28,7 +28,7 @@ from .files import ImageReadError, atomic_write, check_writable_dir, read_image,
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
                              save_metrics, save_overlay, summary_line)
-from .released import ReleasedCheckpointError, load_released_checkpoint, save_mmseg_checkpoint
+from .released import ReleasedCheckpointError, load_released_checkpoint
 from .segmentor import TINY_MODEL, EncoderDecoder, HRDAEncoderDecoder, SegmentorConfig, build_segmentor, resize, tiny_segmentor
 
 # %% auto #0

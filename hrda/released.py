@@ -8,10 +8,9 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch import nn
 
 from .backbones import load_shape_checked
 from .core import get_logger

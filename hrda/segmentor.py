@@ -5,7 +5,6 @@
 # %% ../nbs/04_segmentor.ipynb #4efe220f
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence

@@ -313,7 +313,6 @@ def train(cfg: TrainConfig, # the run
 # %% ../nbs/06a_train.ipynb #94b69246
 def train_cli(argv: Sequence[str] | None = None) -> dict:
     "Parse `--config FILE --set key=value ... [--no-resume | --resume-from PATH] [--stop-after N]` and train."
-    import argparse
     from hrda.core import CommandParser
     p = CommandParser(prog="hrda train", description="Train HRDA / DAFormer / source-only (see experiments/).")
     p.add_argument("--config", help="experiment YAML (may name a `base` file)")

@@ -1,4 +1,5 @@
 """The repository keeps its promises: notebooks and package in sync, README from the index, pins consistent."""
+import ast
 import configparser
 import json
 import re
@@ -61,6 +62,30 @@ def test_code_map_lists_every_notebook_and_its_module():
         assert row, f"{rel} is missing from the code map in nbs/index.ipynb"
         expected = f"`hrda.{module}`" if module else "(papermill template)" if nb.parent.name == "runs" else "(method text)"
         assert row.split("|")[2].strip() == expected, f"code map row of {rel} should name {expected}"
+
+
+def hrda_imports(module_file) -> list[tuple[int, str]]:
+    "(line, module) of every `hrda` module a module imports, at the top or inside a function."
+    found = []
+    for node in ast.walk(ast.parse(module_file.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("hrda.")):
+            found.append((node.lineno, (node.module or "").removeprefix("hrda.")))
+    return found
+
+
+def test_modules_import_only_modules_of_earlier_notebooks():
+    "Notebooks are numbered so that a reader meets every name before it is used: imports flow downward."
+    position = {exported_module(nb): i for i, nb in enumerate(list_notebooks(ROOT)) if exported_module(nb)}
+    upward = [f"hrda/{m}.py:{line} imports hrda.{dep}" for m, i in position.items()
+              for line, dep in hrda_imports(ROOT / "hrda" / f"{m}.py") if position.get(dep, -1) >= i]
+    assert len(position) > 20 and not upward, upward
+
+
+def test_modules_stay_small():
+    "One notebook, one idea: every exported module stays under about 400 lines."
+    sizes = {m: len((ROOT / "hrda" / f"{m}.py").read_text().splitlines())
+             for m in (exported_module(nb) for nb in list_notebooks(ROOT)) if m}
+    assert sizes and not {m: n for m, n in sizes.items() if n > 420}, sizes
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -148,7 +173,7 @@ def test_portability_check_fails_on_a_planted_absolute_path_and_warning(repo_cop
 _DOC, _QUIRK = "sp" + "ec", "qui" + "rk"
 _MISSING_DOC = re.compile(rf"\b{_DOC}\s*§|\b{_DOC}\s+\d|\b{_DOC}\.md\b|\b{_DOC}\s+{_QUIRK}|\b{_QUIRK}s?\s+\d"
                           rf"|(?-i:\({_DOC.upper()}\))", re.IGNORECASE)  # "(<DOC>)" in capitals only: a lower-case one is code
-_NOTES_FILE = re.compile(r"\b([A-Z][A-Z0-9_]+\.md)\b")  # NOTES.md, DESIGN.md, ...: fine when the clone has one
+_NOTES_FILE = re.compile(r"\b([A-Z][A-Z0-9_]+\.md)\b")  # a capitalised notes or design file: fine when the clone has one
 _TEXT_SUFFIXES = {".ipynb", ".py", ".md", ".yaml", ".yml", ".ini", ".txt", ".cfg", ".toml", ".sh"}
 
 
@@ -157,6 +182,8 @@ def test_no_tracked_file_cites_a_document_missing_from_the_repository():
     for text in (f"{_DOC.upper()} 3.5", f"({_DOC.upper()} §7)", f"{_DOC.upper()}.md", f"({_DOC.upper()})", f"{_QUIRK} 10.7",
                  f"{_DOC} {_QUIRK} 15", f"{_QUIRK}s 10.3"):
         assert _MISSING_DOC.search(text), text
+    notes = "SYNTH_NOTES" + ".md"
+    assert _NOTES_FILE.findall(f"see `shared/{notes}` and README.md") == [notes, "README.md"]
     assert not _MISSING_DOC.search(f"for {_DOC} in specs: set({_DOC}), {_DOC}['id']; a {_QUIRK}: on the scaled logits")
     hits = []
     tracked = tracked_files(ROOT, ".")
