@@ -121,7 +121,7 @@ class DataOptions:
     pseudo_margins: tuple[int, int, int, int] | None = field(default=(30, 240, 30, 30), metadata=allowed('>= 0'))  # untrusted target rows/cols (top, bottom, left, right)
     sync_crop_size: tuple[int, int] | None = field(default=None, metadata=allowed('> 0'))  # ablations: one sub-crop (h, w) shared by each source/target pair
     rcs: bool = True  # rare class sampling of the source
-    rcs_temperature: float = field(default=0.01, metadata=allowed('> 0'))  # T
+    rcs_temperature: float = field(default=0.01, metadata=allowed('> 0'))  # T: class-sampling temperature (smaller: rare classes more often)
     rcs_min_pixels: int = field(default=3000, metadata=allowed('>= 0'))  # files qualify for a class above this pixel count
     rcs_min_crop_ratio: float = field(default=2.0, metadata=allowed('>= 0'))  # crops are re-drawn until they hold min_pixels × this of the class
     batch_size: int = field(default=2, metadata=allowed('> 0'))  # source (and target) images per iteration and process
@@ -166,6 +166,7 @@ def resume_keys(cls: type = None, # a config dataclass (default: `TrainConfig`)
 def options_table(parts: dict[str, type] | None = None, # part name -> dataclass (default: `PARTS`)
                  ) -> str:
     "A markdown table of every option: part, key, default and the comment of its declaration."
+    import html
     from fastcore.docments import docments
     rows, seen = ["| part | option | default | allowed | meaning |", "|---|---|---|---|---|"], set()
     for name, part in (parts or PARTS).items():
@@ -176,7 +177,7 @@ def options_table(parts: dict[str, type] | None = None, # part name -> dataclass
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             key = f"`{f.name}`" + (" †" if f.metadata.get("run_only") else "")
             rule = f"`{f.metadata['allowed']}`" if "allowed" in f.metadata else ""
-            rows.append(f"| {name} | {key} | `{default!r}` | {rule} | {(notes.get(f.name) or '').replace('|', '/')} |")
+            rows.append(f"| {name} | {key} | `{default!r}` | {rule} | {html.escape(notes.get(f.name) or '', quote=False).replace('|', '/')} |")
     return "\n".join(rows)
 
 # %% ../nbs/05c_config.ipynb #3b865092

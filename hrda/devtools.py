@@ -24,8 +24,8 @@ from .files import repo_root, write_text
 
 # %% auto #0
 __all__ = ['FIX_EXPORT', 'FIX_CLEAN', 'FIX_README', 'README_HEADER', 'MACHINE_PATH', 'WARNING_TEXT', 'SIDEBAR_CSS',
-           'QUARTO_ATTRS', 'list_notebooks', 'exported_module', 'sync_problems', 'readme_text', 'write_readme',
-           'tracked_files', 'portability_problems', 'page_name', 'build_docs']
+           'QUARTO_ATTRS', 'CODE_LINK', 'list_notebooks', 'exported_module', 'sync_problems', 'readme_text',
+           'write_readme', 'tracked_files', 'portability_problems', 'page_name', 'build_docs']
 
 # %% ../nbs/99_devtools.ipynb #54327a53
 def list_notebooks(root: str | Path | None = None, # repository root (default: found from the current folder)
@@ -197,9 +197,12 @@ def _sidebar(pages: list[tuple[str, str]], current: str) -> str:
 
 QUARTO_ATTRS = re.compile(r"(\]\([^)\s]*\))\{[^}\n]*\}")  # `[source](url){target="_blank" ...}`: Quarto link attributes
 
+CODE_LINK = re.compile(r"\[`([^`\]]+)`\]\([^)\s]*\)")  # nbdev links names in argument comments: `[`x`](page.html#x)`
+
 def _plain_markdown(text: str) -> str:
-    "Markdown without Quarto's link attributes, which other renderers show as literal text."
-    return QUARTO_ATTRS.sub(r"\1", text)
+    "Markdown without Quarto's link attributes, and without links inside code blocks: other renderers show both as text."
+    parts = re.split(r"(^```.*?^```)", QUARTO_ATTRS.sub(r"\1", text), flags=re.S | re.M)
+    return "".join(CODE_LINK.sub(r"`\1`", part) if part.startswith("```") else part for part in parts)
 
 def _for_nbconvert(nb):
     "Turn nbdev's quarto-flavoured processed notebook into one nbconvert renders well: title, hidden inputs."

@@ -34,7 +34,7 @@ class SegmentorConfig:
     head_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of the decode head
     attention_head: str = "attention"  # scale-attention head (reads the LR features only)
     attention_head_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of the attention head
-    num_classes: int = field(default=19, metadata=allowed('> 0'))  # K
+    num_classes: int = field(default=19, metadata=allowed('> 0'))  # K: the classes the model predicts (train ids 0..K-1)
     scales: tuple[float, float] = field(default=(0.5, 1.0), metadata=allowed('> 0'))  # (context, detail) scales; sorted as in the original, so index 0 is the LR context
     hr_crop_size: tuple[int, int] | None = field(default=(512, 512), metadata=allowed('> 0'))  # detail crop (h, w) in HR pixels; None = no crop, HR sees all
     crop_coord_divisible: int = field(default=8, metadata=allowed('> 0'))  # detail-crop offsets are multiples of this (os · s), so boxes map to whole cells
