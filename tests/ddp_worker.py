@@ -21,14 +21,13 @@ from hrda.optim import param_groups
 from hrda.segmentor import build_segmentor
 from hrda.train import IterationSampler, build_datasets, collate_tensors, train
 from hrda.config import TrainConfig, narrow
-from hrda.segmentor import SegmentorConfig
+from hrda.segmentor import TINY_MODEL, SegmentorConfig
 
-# The settings of the tiny benchmark (64x128 images); test_train.py uses the same ones.
-SMALL = dict(source="gta", target="cityscapes", source_scale=None, target_scale=None, crop_size=[64, 64],
-             hr_crop_size=[32, 32], pseudo_margins=None, rcs_min_pixels=10, backbone="cnn",
-             backbone_kwargs={"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
-             head_kwargs={"channels": 32, "embed_dims": 32}, attention_head_kwargs={"channels": 32, "embed_dims": 32},
-             test_crop_size=[64, 128], test_stride=[64, 64], lr=1e-3, warmup_iters=0, workers=0, threads=1,
+# The shared tiny model on the tiny benchmark (64x128 images), 32-px detail crops; test_train.py uses the same settings.
+WIDE_HEADS = {"channels": 32, "embed_dims": 32}  # twice the tiny model's: the smoke run must learn within 40 iterations
+SMALL = dict(TINY_MODEL, source="gta", target="cityscapes", source_scale=None, target_scale=None, crop_size=[64, 64],
+             hr_crop_size=[32, 32], pseudo_margins=None, rcs_min_pixels=10, head_kwargs=WIDE_HEADS,
+             attention_head_kwargs=WIDE_HEADS, test_crop_size=[64, 128], lr=1e-3, warmup_iters=0, workers=0, threads=1,
              tensorboard=False, progress=False, log_every=1, keep_checkpoints=0)
 
 

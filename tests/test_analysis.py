@@ -146,11 +146,9 @@ def test_attention_figure_from_a_real_prediction_folder(tmp_path):
     from hrda.checkpoint import save_checkpoint
     from hrda.config import TrainConfig, config_to_dict, load_config, narrow
     from hrda.predict import predict_folder
-    from hrda.segmentor import SegmentorConfig, build_segmentor
-    cfg = load_config(TrainConfig, overrides={
-        "backbone": "cnn", "backbone_kwargs": {"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
-        "head_kwargs": {"channels": 16, "embed_dims": 16}, "attention_head_kwargs": {"channels": 16, "embed_dims": 16},
-        "hr_crop_size": [64, 64], "target_scale": None, "test_crop_size": [64, 96], "test_stride": [32, 32]})
+    from hrda.segmentor import TINY_MODEL, SegmentorConfig, build_segmentor
+    cfg = load_config(TrainConfig, overrides={**TINY_MODEL, "target_scale": None, "test_crop_size": [64, 96],
+                                              "test_stride": [32, 32]})
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

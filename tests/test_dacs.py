@@ -338,11 +338,7 @@ def test_fd_and_self_training_switches():
 # ---------------------------------------------------------------- the real segmentor
 def small_segmentor_config():
     import hrda.segmentor as segmentor
-    kw = dict(channels=16, embed_dims=16)
-    return segmentor, segmentor.SegmentorConfig(
-        backbone="cnn", backbone_kwargs=dict(widths=(8, 16, 24, 32), depths=(1, 1, 1, 1)), head_kwargs=kw,
-        attention_head_kwargs=kw, num_classes=19, hr_crop_size=(64, 64), test_crop_size=(128, 128),
-        test_stride=(64, 64))
+    return segmentor, segmentor.SegmentorConfig(**{**segmentor.TINY_MODEL, "num_classes": 19})
 
 
 def run_real(seed, iters=2):
