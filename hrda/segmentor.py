@@ -137,8 +137,10 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         self.cfg, self.backbone, self.decode_head = cfg, backbone, decode_head
         self.output_stride = int(getattr(decode_head, "output_stride", 4))
-        # BatchNorm normalises a batch with its own statistics: the two crops then share theirs, so they stay apart
-        self.per_sample_norm = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+        # BatchNorm normalises a batch with its own statistics: crops batched together would share theirs
+        per_sample = lambda m: not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+        self.backbone_per_sample = per_sample(backbone)  # MiT (LayerNorm), or GroupNorm: crops may share a pass
+        self.heads_per_sample = all(per_sample(m) for name, m in self.named_children() if name != "backbone")
 
     @property
     def scales(self) -> tuple[float, ...]:
@@ -288,11 +290,12 @@ class HRDAEncoderDecoder(EncoderDecoder):
         else: box = (0, hr_img.shape[-2], 0, hr_img.shape[-1])
         hr_in = crop(hr_img, box)
         if cfg.blur_hr_crop: hr_in = blur_downup(hr_in)
-        if lr_in.shape == hr_in.shape and self.per_sample_norm:  # one pass for both crops: exact without BatchNorm
+        if lr_in.shape == hr_in.shape and self.backbone_per_sample:  # one backbone pass for both crops
             B = img.shape[0]
             both = self.backbone(torch.cat([lr_in, hr_in]))
             lr_feats, hr_feats = [f[:B] for f in both], [f[B:] for f in both]
-            lr_logits, hr_logits = self.decode_head(both).split(B)  # (B, K, h, w) each
+            if self.heads_per_sample: lr_logits, hr_logits = self.decode_head(both).split(B)  # (B, K, h, w) each
+            else: lr_logits, hr_logits = self.decode_head(lr_feats), self.decode_head(hr_feats)  # BatchNorm: apart
         else:
             lr_feats, hr_feats = self.backbone(lr_in), self.backbone(hr_in)
             lr_logits, hr_logits = self.decode_head(lr_feats), self.decode_head(hr_feats)
