@@ -5,6 +5,7 @@
 # %% ../nbs/02_crops.ipynb #5f3a3f89
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -102,9 +103,14 @@ def stitch_windows(windows: torch.Tensor, # (n·B, K, h, w) window-major predict
     out = windows.new_zeros(B, K, *out_hw)
     for i, (y1, y2, x1, x2) in enumerate(boxes):
         out[:, :, y1:y2, x1:x2] += windows[i * B:(i + 1) * B]
-    count = window_counts(boxes, out_hw)  # on the CPU: the check needs no device sync
-    if (count == 0).any(): raise ValueError(f"the windows do not cover the whole {tuple(out_hw)} map")
-    return out / count.to(out)
+    return out / _checked_counts(tuple(map(tuple, boxes)), tuple(out_hw)).to(out)
+
+@functools.lru_cache(maxsize=64)
+def _checked_counts(boxes: tuple[Box, ...], out_hw: tuple[int, int]) -> torch.Tensor:
+    "`window_counts`, checked to cover the map; computed once per layout (training slides the same windows every time)."
+    count = window_counts(boxes, out_hw)  # on the CPU: the check reads no device memory
+    if (count == 0).any(): raise ValueError(f"the windows do not cover the whole {out_hw} map")
+    return count
 
 def insert_box(x: torch.Tensor, # (B, K, h, w) the content of the box
                box: Box, # where it goes, in the pixels of the output map

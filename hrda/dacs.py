@@ -17,7 +17,7 @@ from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the
 # %% auto #0
 __all__ = ['FD_CLASSES', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_', 'confidence_weight',
            'PseudoLabels', 'pseudo_label', 'classmix_masks', 'mix', 'mix_batch', 'downscale_label_ratio',
-           'feature_distance', 'mic_batch', 'DACSStepOutput', 'dacs_step']
+           'feature_distance', 'mic_batch', 'DACSStepOutput', 'read_logs', 'dacs_step']
 
 # %% ../nbs/05_dacs.ipynb #52834e73
 FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-distance classes (no pole)
@@ -169,12 +169,10 @@ def downscale_label_ratio(label: torch.Tensor, # (B, H, W) int64 with IGNORE_IND
     h, w = H // factor, W // factor
     lab = torch.where(label == ignore_index, num_classes, label)[:, :h * factor, :w * factor]
     cells = lab.reshape(B, h, factor, w, factor)
-    best = torch.full((B, h, w), num_classes, dtype=torch.long, device=label.device)
-    best_n = torch.zeros((B, h, w), dtype=torch.long, device=label.device)
-    for c in torch.unique(lab).tolist():  # ascending, and '>' keeps the lower class on ties, like argmax
-        n = (cells == c).sum(dim=(2, 4))
-        better = n > best_n
-        best, best_n = torch.where(better, c, best), torch.where(better, n, best_n)
+    counts = torch.zeros((B, h, w, num_classes + 1), dtype=torch.long, device=label.device)  # per cell and class
+    counts.view(B * h * w, -1).scatter_add_(1, cells.permute(0, 1, 3, 2, 4).reshape(B * h * w, -1),
+                                             torch.ones((1, 1), dtype=torch.long, device=label.device).expand(B * h * w, factor * factor))
+    best_n, best = counts.max(dim=-1)  # the lowest class on ties, like argmax
     ratio = best_n.float() / (factor * factor)
     return torch.where((best == num_classes) | (ratio < min_ratio), ignore_index, best)
 
@@ -198,8 +196,8 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
             raise ValueError(f"labels {tuple(label.shape)} pooled by {factor} give {tuple(small.shape)}, "
                              f"but the features are {tuple(dist.shape)}; pass the labels of the images the features come from")
         mask = torch.isin(small, torch.tensor(list(classes), device=small.device))
-    if not mask.any(): return dist.new_zeros(()), mask  # the original's NaN mean, made a no-op
-    return lam * dist[mask].mean(), mask
+    count = mask.sum()  # an empty mask gives 0 (the original's NaN mean, made a no-op), with no data-dependent shape
+    return lam * torch.where(mask, dist, 0.0).sum() / count.clamp(min=1), mask
 
 # %% ../nbs/05_dacs.ipynb #9fe14c5a
 def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
@@ -227,9 +225,16 @@ def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
     return m_img * mask.to(m_img.dtype), m_gt, m_w
 
 class DACSStepOutput(NamedTuple):
-    "What one iteration returns: float logs, and (when asked) the batch's intermediate tensors for debug figures."
-    logs: dict[str, float]
+    "What one iteration returns: its logs (0-d device tensors and floats), and (when asked) its intermediate tensors."
+    logs: dict[str, float | torch.Tensor]
     debug: dict[str, Any] | None
+
+def read_logs(rows: Sequence[dict[str, float | torch.Tensor]], # the logs of one or more iterations
+             ) -> list[dict[str, float]]:
+    "The logs as floats, with one read back to the host for all their tensors (a step itself never waits for the device)."
+    tensors = [v.detach().reshape(1).double() for row in rows for v in row.values() if isinstance(v, torch.Tensor)]
+    values = iter(torch.cat(tensors).tolist() if tensors else [])
+    return [{k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in row.items()} for row in rows]
 
 def _train_forward(model: nn.Module, *args, **kwargs) -> dict:
     if isinstance(model, nn.parallel.DistributedDataParallel): return model(*args, **kwargs)  # forward dispatches
@@ -247,7 +252,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
               scaler: torch.amp.GradScaler | None = None, # loss scaler for float16
               return_debug: bool = False, # also return the intermediate tensors
              ) -> DACSStepOutput:
-    "One DACS/HRDA self-training iteration in the original order: three backward passes (two under DDP; MIC adds one), one step."
+    "One DACS/HRDA self-training iteration in the original order: two backward passes (source with FD, mixed; MIC adds one), one step."
     cfg = cfg or DACSConfig()
     if cfg.self_training and (teacher is None or "target_img" not in batch):
         raise ValueError("self-training needs a teacher and batch['target_img']; "
@@ -256,16 +261,15 @@ def dacs_step(student: nn.Module, # the segmentor being trained
     gt = gt[:, 0] if gt.ndim == 4 else gt
     amp = lambda: torch.autocast(img.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     backward = lambda loss, **kw: (scaler.scale(loss) if scaler is not None else loss).backward(**kw)
-    logs: dict[str, float] = {}
+    logs: dict[str, float | torch.Tensor] = {}
     extra = dict(return_maps=True) if return_debug else {}
     student.train()
     optimizer.zero_grad(set_to_none=True)
     if cfg.self_training: logs["ema_alpha"] = ema_step_(teacher, student, t, cfg.alpha)  # 1. EMA before any forward
     jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # 2. shared coins
     fd = imnet is not None and cfg.fd_lambda > 0
-    one_backward = fd and isinstance(student, nn.parallel.DistributedDataParallel)  # DDP: one backward per forward
     with amp(): src = _train_forward(student, img, gt, None, generator=generator, return_features=fd, **extra)
-    if not one_backward: backward(src["loss"], retain_graph=fd)  # 3. source pass
+    if not fd: backward(src["loss"])  # 3. source pass
     logs.update({f"decode.{k}": v for k, v in src["logs"].items()})
     debug: dict[str, Any] = dict(src_img=img, src_gt=gt, src_maps=src.get("maps"))
     if fd:  # 4. ImageNet feature distance on the source images
@@ -273,9 +277,8 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         with torch.no_grad(), amp(): imnet_feat = imnet.extract_features(img)[-1]
         fd_loss, fd_mask = feature_distance(src["features"][-1], imnet_feat, gt, cfg.fd_classes, cfg.fd_lambda,
                                             cfg.fd_min_ratio, cfg.num_classes)
-        if one_backward: backward(src["loss"] + fd_loss)  # the same gradients as two backward passes
-        elif fd_loss.requires_grad: backward(fd_loss)
-        logs["src.loss_imnet_feat_dist"] = fd_loss.item()
+        backward(src["loss"] + fd_loss)  # one backward: the original's two passes' gradients, up to rounding
+        logs["src.loss_imnet_feat_dist"] = fd_loss.detach()
         debug["fd_mask"] = fd_mask
     del src  # frees the retained graph
     if cfg.self_training:
@@ -293,7 +296,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         with amp(): mixed = _train_forward(student, mix_img, mix_gt, mix_w, generator=generator, **extra)
         backward(mixed["loss"])  # 8. mixed pass
         logs.update({f"mix.decode.{k}": v for k, v in mixed["logs"].items()})
-        logs["pseudo_weight"] = q.item()
+        logs["pseudo_weight"] = q.detach()
         debug.update(trg_img=trg, pseudo_gt=pl, pseudo_weight=pw, mix_mask=masks, mix_img=mix_img, mix_gt=mix_gt,
                      mix_weight=mix_w, mix_maps=mixed.get("maps"))
         del mixed

@@ -125,10 +125,11 @@ def barrier():
     "Wait for every process of the group (a no-op outside one), e.g. until rank 0 has written a checkpoint."
     if is_distributed(): dist.barrier()
 
-def average_logs(logs: dict[str, float], # this process's scalar logs (the same keys in every process)
-                ) -> dict[str, float]:
-    "The mean of `logs` over all processes (unchanged outside a process group), so every process sees the same values."
+def average_logs(logs: dict[str, float | torch.Tensor], # this process's scalar logs (the same keys in every process)
+                ) -> dict[str, float | torch.Tensor]:
+    "The mean of `logs` over all processes as float64 tensors on their device, without reading them back (unchanged outside a process group)."
     if not is_distributed() or dist.get_world_size() == 1 or not logs: return logs
-    values = torch.tensor(list(logs.values()), dtype=torch.float64)
+    device = next((v.device for v in logs.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in logs.values()])
     dist.all_reduce(values)
-    return dict(zip(logs, (values / dist.get_world_size()).tolist()))
+    return dict(zip(logs, (values / dist.get_world_size()).unbind()))

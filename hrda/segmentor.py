@@ -120,10 +120,9 @@ def _pad_to(x: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
     H, W = x.shape[-2:]
     return x if (H, W) == tuple(hw) else F.pad(x, (0, hw[1] - W, 0, hw[0] - H))
 
-def _floats(logs: dict[str, torch.Tensor]) -> dict[str, float]:
-    "Scalar tensors as floats with one device sync (NaN on the 'meta' device, where shapes are all there is)."
-    values = torch.stack([v.detach().float() for v in logs.values()])
-    return dict(zip(logs, [math.nan] * len(logs) if values.is_meta else values.tolist()))
+def _log_values(logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    "Scalar logs kept on the device, detached (the training loop reads them back once per logging interval)."
+    return {k: v.detach().float() for k, v in logs.items()}
 
 BACKBONE_STRIDE = 32  # the coarsest feature stride; inputs are padded so that every scale divides it
 
@@ -181,7 +180,7 @@ class EncoderDecoder(nn.Module):
         feats = self.backbone(resize(img, scale=self.scales[0]))
         logits = self.decode_head(feats)
         loss, acc = seg_ce_loss(logits, gt, weight)
-        out = dict(loss=loss, logs=_floats({"loss_seg": loss, "acc_seg": acc}), box=None)
+        out = dict(loss=loss, logs=_log_values({"loss_seg": loss, "acc_seg": acc}), box=None)
         if return_features: out["features"] = feats
         if return_maps: out["maps"] = {"fused": logits.detach()}
         return out
@@ -315,7 +314,7 @@ class HRDAEncoderDecoder(EncoderDecoder):
             l_lr, acc_lr = seg_ce_loss(parts["lr_scaled"], gt, weight)
             loss = loss + w_lr * l_lr
             logs.update({"lr.loss_seg": w_lr * l_lr, "lr.acc_seg": acc_lr})
-        out.update(loss=loss, logs=_floats(logs), box=box_img)
+        out.update(loss=loss, logs=_log_values(logs), box=box_img)
         if return_features:
             out["features"] = lr_feats
             if cfg.feature_scale == "all": out["hr_features"] = hr_feats

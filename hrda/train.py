@@ -24,7 +24,7 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, provenanc
                          run_dir, run_name)
 from .core import ConfigError, autocast_dtype, get_logger, make_generator, seed_everything
 from .files import portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
-from .dacs import DACSConfig, dacs_step
+from .dacs import DACSConfig, dacs_step, read_logs
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
 from .evaluation import evaluate, summary_line
@@ -270,26 +270,37 @@ def train(cfg: TrainConfig, # the run
     from tqdm import tqdm  # plain text: tqdm.auto warns in kernels without ipywidgets
     bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and main), desc=cfg.experiment, mininterval=2)
     done, stopper = start, GracefulStop(enabled=world == 1)  # one process: Ctrl-C ends with a checkpoint
+    pending: list[tuple[int, dict]] = []  # (iteration, logs) still on the device: read back together
+
+    def read_pending():
+        for (it, _), row in zip(pending, read_logs([logs for _, logs in pending])):
+            check_finite(row, it, latest)  # before any checkpoint: a non-finite loss never reaches one
+            if runlog is not None: runlog.add(row)
+        pending.clear()
+
     with stopper:
         for t, batch in zip(range(start, stop), loader):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, power=cfg.poly_power)
-            logs = average_logs(dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler).logs)
-            check_finite(logs, t, latest)
+            pending.append((t, average_logs(dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg,
+                                                      amp_dtype, scaler).logs)))
             bar.update(1)
             done = t + 1
-            if runlog is not None:
-                runlog.add(logs)
-                if done % cfg.log_every == 0 or done == stop:
-                    row = runlog.flush(done, lr=lr, seconds=round(seconds + time.time() - t0, 3))
-                    bar.set_postfix(loss=f"{row.get('decode.loss_seg', float('nan')):.3f}", refresh=False)
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters:
+            log_due = done % cfg.log_every == 0 or done == stop
+            eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters
+            save_due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop or stopper.requested
+            if log_due or eval_due or save_due: read_pending()  # no other read of the logs
+            if runlog is not None and log_due:
+                row = runlog.flush(done, lr=lr, seconds=round(seconds + time.time() - t0, 3))
+                bar.set_postfix(loss=f"{row.get('decode.loss_seg', float('nan')):.3f}", refresh=False)
+            if eval_due:
                 metrics = _evaluate(student, val, cfg, device)
                 evals.append({"iteration": done, **metrics})
                 if main:
                     runlog.eval(done, metrics)
                     log.info(f"iteration {done}: {summary_line(metrics)}")
-            if main and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop or stopper.requested):
+            if stopper.requested: read_pending()  # (Ctrl-C may come during the evaluation)
+            if main and (save_due or stopper.requested):
                 latest = _save(out, done, cfg, evals=evals, seconds=seconds + time.time() - t0,
                                config_changes=changes, **_state(student, teacher, optimizer, scaler, generator))
             if stopper.requested: break

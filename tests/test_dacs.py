@@ -297,7 +297,7 @@ def test_iteration_order_modes_and_mixed_weights():
     assert torch.equal(w, d["mix_weight"])
     assert torch.equal(w[d["mix_mask"]], torch.ones(int(d["mix_mask"].sum())))  # pasted source pixels weigh 1
     trg = ~d["mix_mask"]
-    expect = torch.where(batch["valid_pseudo_mask"] > 0, torch.tensor(q), torch.tensor(0.0))
+    expect = torch.where(batch["valid_pseudo_mask"] > 0, q.float(), torch.tensor(0.0))
     assert torch.equal(w[trg], expect[trg])  # q on the target, 0 in the margin
     assert torch.equal(d["mix_gt"][trg], d["pseudo_gt"][trg]) and torch.equal(d["mix_gt"][~trg], batch["gt"][~trg])
     assert set(out.logs) == {"ema_alpha", "decode.loss_seg", "src.loss_imnet_feat_dist", "mix.decode.loss_seg",
@@ -433,3 +433,25 @@ def test_mic_step_under_bf16_autocast():
     out = dacs_step(student, teacher, imnet, opt, toy_batch(0), 1, make_generator(0), DACSConfig(mic_lambda=1.0),
                     amp_dtype=torch.bfloat16)
     assert math.isfinite(out.logs["masked.decode.loss_seg"]) and all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_source_and_feature_distance_share_one_backward():
+    "One backward of source + FD loss gives the gradients of the original's two passes, up to float rounding."
+    segmentor, cfg = small_segmentor_config()
+    gt = torch.full((2, 128, 128), 13, dtype=torch.long); gt[:, :64] = 0  # car cells (an FD class) and road cells
+    img = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    imnet = segmentor.build_segmentor(cfg).eval()
+    grads = []
+    for passes in (1, 2):
+        torch.manual_seed(1)
+        student = segmentor.build_segmentor(cfg)
+        src = student.forward_train(img, gt, generator=make_generator(0), return_features=True)
+        with torch.no_grad(): target = imnet.extract_features(img)[-1]
+        fd, mask = feature_distance(src["features"][-1], target, gt, FD_CLASSES, 0.005, 0.75, 19)
+        assert mask.any() and fd > 0
+        if passes == 1: (src["loss"] + fd).backward()
+        else: src["loss"].backward(retain_graph=True); fd.backward()
+        grads.append([p.grad for p in student.parameters()])
+    for one, two in zip(*grads):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-7)

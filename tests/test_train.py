@@ -105,9 +105,24 @@ def test_interrupted_save_keeps_previous_checkpoint(synth, tmp_path, monkeypatch
     assert train(cfg)["finished"] and load_checkpoint(ckpt_dir / "latest.pth")["iteration"] == 3  # resumes from 1
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(synth, tmp_path, monkeypatch):
+def test_logs_read_once_per_interval_change_no_number(synth, straight, tmp_path):
+    "The step keeps its logs on the device; reading them every 4 iterations instead of every one changes no weight."
+    cfg, _ = straight
+    sparse = config(synth, tmp_path, iters=6, log_every=4)
+    train(sparse, resume=False)
+    a, b = (load_checkpoint(hrda.train.run_dir(c) / "checkpoints" / "latest.pth") for c in (cfg, sparse))
+    for part in ("student", "teacher", "optimizer"):
+        assert tensors_equal(a[part], b[part]), f"{part} differs with another logging interval"
+    every, rows = read_log(cfg.out_dir), read_log(sparse.out_dir)
+    assert [r["iteration"] for r in rows] == [4, 6]
+    for row, span in zip(rows, (every[:4], every[4:])):  # each row is the mean of its iterations
+        assert row["decode.loss_seg"] == pytest.approx(sum(r["decode.loss_seg"] for r in span) / len(span), rel=1e-12)
+
+
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_nan_loss_stops_and_keeps_last_checkpoint(synth, tmp_path, monkeypatch, log_every):
     "(c) a NaN input at iteration 3 stops the run with a clear error; the checkpoint of iteration 2 stays usable."
-    cfg = config(synth, tmp_path, iters=5, checkpoint_every=2)
+    cfg = config(synth, tmp_path, iters=5, checkpoint_every=2, log_every=log_every)  # 10: found when saving at 4
     real_step = hrda.train.dacs_step
 
     def poisoned(student, teacher, imnet, optimizer, batch, t, *args, **kwargs):
