@@ -288,8 +288,8 @@ def train(cfg: TrainConfig, # the run
             done = t + 1
             log_due = done % cfg.log_every == 0 or done == stop
             eval_due = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.iters
-            save_due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop or stopper.requested
-            if log_due or eval_due or save_due: read_pending()  # no other read of the logs
+            save_due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop
+            if log_due or eval_due or save_due or stopper.requested: read_pending()  # no other read of the logs
             if runlog is not None and log_due:
                 row = runlog.flush(done, lr=lr, seconds=round(seconds + time.time() - t0, 3))
                 bar.set_postfix(loss=f"{row.get('decode.loss_seg', float('nan')):.3f}", refresh=False)
@@ -299,7 +299,7 @@ def train(cfg: TrainConfig, # the run
                 if main:
                     runlog.eval(done, metrics)
                     log.info(f"iteration {done}: {summary_line(metrics)}")
-            if stopper.requested: read_pending()  # (Ctrl-C may come during the evaluation)
+            if stopper.requested: read_pending()  # Ctrl-C may also come during the evaluation
             if main and (save_due or stopper.requested):
                 latest = _save(out, done, cfg, evals=evals, seconds=seconds + time.time() - t0,
                                config_changes=changes, **_state(student, teacher, optimizer, scaler, generator))
