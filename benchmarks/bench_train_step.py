@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_model import _cpu_peak_mb, _reset_cpu_peak, _sync  # noqa: E402
 from hrda.config import TrainConfig, load_config, narrow  # noqa: E402
-from hrda.core import autocast_dtype, get_device, make_generator
+from hrda.core import autocast_dtype, get_device, make_generator  # noqa: E402
 from hrda.files import write_json, write_text  # noqa: E402
-from hrda.dacs import DACSConfig, dacs_step  # noqa: E402
+from hrda.dacs import DACSConfig, dacs_step, hold_in_dtype_  # noqa: E402
 from hrda.optim import build_optimizer  # noqa: E402
 from hrda.segmentor import SegmentorConfig, build_segmentor  # noqa: E402
 
@@ -97,6 +97,7 @@ def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: b
     student = build_segmentor(narrow(SegmentorConfig, cfg)).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False)
     imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval() if cfg.fd_lambda > 0 else None
+    if imnet is not None: hold_in_dtype_(imnet, amp)  # as the training loop does
     if checkpointing:  # only the student trains; MiT backbones recompute block activations in backward
         if not hasattr(student.backbone, "grad_checkpoint"):
             raise SystemExit(f"--checkpointing needs a MiT backbone, not {cfg.backbone}")

@@ -8,7 +8,7 @@ and `.tolist()`, which bypasses the dispatcher and is counted by wrapping it), w
 structure is the paper's (MiT-B5, batch 2 + 2, feature distance, HR slide pseudo-labels, ClassMix); only the crops are
 scaled down (`--crop`), so the count is the GPU run's and needs no GPU.
 
-Usage: python benchmarks/count_ops.py [--crop 256] [--set KEY=VALUE ...] [--top 15]
+Usage: python benchmarks/count_ops.py [--crop 256] [--precision bf16] [--set KEY=VALUE ...] [--top 15]
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(cfg: TrainConfig, t: int = 2) -> OpCounter:
+def count(cfg: TrainConfig, t: int = 2, precision: str = "fp32") -> OpCounter:
     "The counts of iteration `t` (after t regular ones: the first copies the teacher)."
-    step, _ = make_step(cfg, torch.device("cpu"), "fp32")
+    step, _ = make_step(cfg, torch.device("cpu"), precision)
     for i in range(t): step(i)
     counter = OpCounter()
     tolist = torch.Tensor.tolist  # reads a whole tensor back without passing the dispatcher: counted here
@@ -78,14 +78,17 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--crop", type=int, default=256, help="context crop side (the paper's 1024, scaled for the CPU)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (default: the paper's)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: under autocast, as on a GPU (its casts are counted too)")
     p.add_argument("--top", type=int, default=15, help="list this many of the most frequent operators and host reads")
     args = p.parse_args(argv)
     c = args.crop
     cfg = load_config(TrainConfig, overrides=["pretrained=null", f"crop_size=[{c},{c}]", f"hr_crop_size=[{c // 2},{c // 2}]",
                                               *args.set])
-    counter = count(cfg)
+    counter = count(cfg, precision=args.precision)
     total, reads = sum(counter.ops.values()), sum(counter.reads.values())
-    print(f"one iteration ({cfg.backbone}, crop {c}, hr crop {c // 2}, fd_lambda {cfg.fd_lambda}, mic_lambda {cfg.mic_lambda}): "
+    print(f"one iteration ({cfg.backbone}, crop {c}, hr crop {c // 2}, fd_lambda {cfg.fd_lambda}, mic_lambda {cfg.mic_lambda}, "
+          f"{args.precision}): "
           f"{total} operators, {reads} host reads, {sum(counter.dynamic.values())} data-dependent shapes")
     print("\nmost frequent operators:")
     for name, n in counter.ops.most_common(args.top): print(f"{n:7d}  {name}")

@@ -17,7 +17,7 @@ from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the
 # %% auto #0
 __all__ = ['FD_CLASSES', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_', 'confidence_weight',
            'PseudoLabels', 'pseudo_label', 'classmix_masks', 'mix', 'mix_batch', 'downscale_label_ratio',
-           'feature_distance', 'mic_batch', 'DACSStepOutput', 'read_logs', 'dacs_step']
+           'feature_distance', 'hold_in_dtype_', 'mic_batch', 'DACSStepOutput', 'read_logs', 'dacs_step']
 
 # %% ../nbs/05_dacs.ipynb #52834e73
 FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-distance classes (no pole)
@@ -198,6 +198,15 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
         mask = torch.isin(small, torch.tensor(list(classes), device=small.device))
     count = mask.sum()  # an empty mask gives 0 (the original's NaN mean, made a no-op), with no data-dependent shape
     return lam * torch.where(mask, dist, 0.0).sum() / count.clamp(min=1), mask
+
+def hold_in_dtype_(model: nn.Module, # a frozen model that only runs under autocast (the ImageNet model of FD)
+                   dtype: torch.dtype | None, # the autocast dtype; None (float32 training) leaves the model as it is
+                  ) -> nn.Module:
+    "Store the Linear and Conv weights in `dtype` once, so autocast does not cast them at every use (norms stay float32)."
+    if dtype is not None:
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)): m.to(dtype)
+    return model
 
 # %% ../nbs/05_dacs.ipynb #9fe14c5a
 def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images

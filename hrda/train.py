@@ -24,7 +24,7 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, provenanc
                          run_dir, run_name)
 from .core import ConfigError, autocast_dtype, get_logger, make_generator, seed_everything
 from .files import portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
-from .dacs import DACSConfig, dacs_step, read_logs
+from .dacs import DACSConfig, dacs_step, hold_in_dtype_, read_logs
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
 from .evaluation import evaluate, summary_line
@@ -241,6 +241,7 @@ def train(cfg: TrainConfig, # the run
     imnet = None
     if cfg.fd_lambda > 0 and cfg.pretrained:
         imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval()
+        hold_in_dtype_(imnet, autocast_dtype(cfg.precision, device))  # frozen: cast once, not at every forward
     elif cfg.fd_lambda > 0 and main: log.info("feature distance disabled: it needs ImageNet weights (set pretrained)")
     student = wrap_ddp(student, device, find_unused_parameters=cfg.fixed_attention is not None)
     optimizer = build_optimizer(unwrap(student), cfg.lr, cfg.weight_decay)
