@@ -271,6 +271,20 @@ class HRDAEncoderDecoder(EncoderDecoder):
         if fixed is not None: return lr_logits.new_full((lr_logits.shape[0], 1, *lr_logits.shape[-2:]), float(fixed))
         return torch.sigmoid(self.attention_head(feats))
 
+    def _both_scales(self, lr_in: torch.Tensor, # (B, 3, h, w) the context input
+                     hr_in: torch.Tensor, # (n·B, 3, h', w') the detail crop(s) or windows
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        "(LR features, HR features, LR logits, HR logits): one backbone pass for both when their sizes agree."
+        if lr_in.shape[1:] == hr_in.shape[1:] and self.backbone_per_sample:
+            B = lr_in.shape[0]
+            both = self.backbone(torch.cat([lr_in, hr_in]))
+            lr_feats, hr_feats = [f[:B] for f in both], [f[B:] for f in both]
+            if self.heads_per_sample:
+                logits = self.decode_head(both)
+                return lr_feats, hr_feats, logits[:B], logits[B:]
+        else: lr_feats, hr_feats = self.backbone(lr_in), self.backbone(hr_in)
+        return lr_feats, hr_feats, self.decode_head(lr_feats), self.decode_head(hr_feats)  # BatchNorm heads: apart
+
     def forward_train(self, img: torch.Tensor, # (B, 3, H, W) normalised context crop
                       gt: torch.Tensor, # (B, H, W) or (B, 1, H, W) int64 labels
                       weight: torch.Tensor | None = None, # (B, H, W) pixel weights (pseudo-label confidence)
@@ -289,15 +303,7 @@ class HRDAEncoderDecoder(EncoderDecoder):
         else: box = (0, hr_img.shape[-2], 0, hr_img.shape[-1])
         hr_in = crop(hr_img, box)
         if cfg.blur_hr_crop: hr_in = blur_downup(hr_in)
-        if lr_in.shape == hr_in.shape and self.backbone_per_sample:  # one backbone pass for both crops
-            B = img.shape[0]
-            both = self.backbone(torch.cat([lr_in, hr_in]))
-            lr_feats, hr_feats = [f[:B] for f in both], [f[B:] for f in both]
-            if self.heads_per_sample: lr_logits, hr_logits = self.decode_head(both).split(B)  # (B, K, h, w) each
-            else: lr_logits, hr_logits = self.decode_head(lr_feats), self.decode_head(hr_feats)  # BatchNorm: apart
-        else:
-            lr_feats, hr_feats = self.backbone(lr_in), self.backbone(hr_in)
-            lr_logits, hr_logits = self.decode_head(lr_feats), self.decode_head(hr_feats)
+        lr_feats, hr_feats, lr_logits, hr_logits = self._both_scales(lr_in, hr_in)  # (B, K, h, w) logits each
         att = self._attention(lr_feats, lr_logits)
         os_, s = self.output_stride, self.scale_ratio
         if cfg.hr_crop_size is not None:  # LR-map box truncated like the original (exact for os 4, divisible 8)
@@ -329,19 +335,19 @@ class HRDAEncoderDecoder(EncoderDecoder):
             ) -> dict[str, torch.Tensor]:
         "Upsampled LR logits, stitched HR logits, upsampled unmasked attention and fused logits, at HR-map resolution."
         cfg, os_ = self.cfg, self.output_stride
-        lr_feats = self.backbone(resize(x, scale=self.lr_scale))
-        lr_logits = self.decode_head(lr_feats)
-        att = self._attention(lr_feats, lr_logits, fixed_attention)
         hr_img = resize(x, scale=self.hr_scale)
         hr_hw = (hr_img.shape[-2] // os_, hr_img.shape[-1] // os_)
         prep = blur_downup if cfg.blur_hr_crop else (lambda t: t)
-        if cfg.hr_slide_inference and cfg.hr_crop_size is not None:
+        slide = cfg.hr_slide_inference and cfg.hr_crop_size is not None
+        if slide:
             overlap = cfg.hr_slide_overlapping if overlapping is None else overlapping
             stride = tuple(c // 2 for c in cfg.hr_crop_size) if overlap else cfg.hr_crop_size
             boxes = slide_boxes(hr_img.shape[-2:], cfg.hr_crop_size, stride)
-            windows = self.decode_head(self.backbone(prep(crop_windows(hr_img, boxes))))  # (n·B, K, h, w)
-            hr_logits = stitch_windows(windows, [scale_box(b, 1 / os_) for b in boxes], hr_hw)
-        else: hr_logits = self.decode_head(self.backbone(prep(hr_img)))
+        # the context and the detail windows (n·B of them) share one backbone pass when their sizes agree
+        lr_feats, _, lr_logits, hr_out = self._both_scales(resize(x, scale=self.lr_scale),
+                                                            prep(crop_windows(hr_img, boxes) if slide else hr_img))
+        att = self._attention(lr_feats, lr_logits, fixed_attention)
+        hr_logits = stitch_windows(hr_out, [scale_box(b, 1 / os_) for b in boxes], hr_hw) if slide else hr_out
         fused = fuse(lr_logits, hr_logits, att, None, self.scale_ratio)
         return {"lr": resize(lr_logits, hr_hw), "hr": hr_logits, "attention": resize(att, hr_hw), "fused": fused}
 

@@ -68,10 +68,10 @@ def test_full_size_inference_batches_windows_on_meta(meta_hrda):
     meta_hrda.eval()
     with torch.no_grad():
         assert meta_hrda.encode_decode(torch.zeros(2, 3, 1024, 1024, device="meta")).shape == (2, K, 1024, 1024)
-        assert calls == [(2, 3, 512, 512), (18, 3, 512, 512)]  # LR context, then 9 HR windows x 2 images in one batch
+        assert calls == [(20, 3, 512, 512)]  # the LR context and 9 HR windows x 2 images: one backbone pass
         calls.clear()
         assert meta_hrda.inference(torch.zeros(1, 3, 1024, 2048, device="meta")).shape == (1, K, 1024, 2048)
-        assert calls == [(3, 3, 512, 512), (27, 3, 512, 512)]  # 3 outer windows: 30 backbone passes at 512²
+        assert calls == [(30, 3, 512, 512)]  # 3 outer windows, each a context and 9 detail windows, in one batch
 
 
 def test_training_shapes_reduced_and_exact_1024(batch):
@@ -341,3 +341,23 @@ def test_mit_b5_hrda_forward_backward_cpu():
     out = model.forward_train(img, gt, generator=g)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.attention_head.conv_seg.weight.grad is not None
+
+
+@pytest.mark.parametrize("backbone,head_norm", [("mit_b0", "bn"), ("cnn_gn", "gn")])
+def test_context_and_detail_windows_share_one_backbone_pass(backbone, head_norm):
+    "HR slide inference puts the context and its windows through one backbone pass: the maps of two passes, to rounding."
+    kw = ({"backbone": "mit_b0", "backbone_kwargs": {}} if backbone == "mit_b0"
+          else {"backbone_kwargs": {"widths": (8, 16, 24, 32), "depths": (1, 1, 1, 1), "norm": "gn"}})
+    heads = {"channels": 16, "embed_dims": 16, "norm": head_norm}
+    model = reduced(**kw, head_kwargs=heads, attention_head_kwargs=heads).eval()
+    assert model.backbone_per_sample and model.heads_per_sample == (head_norm == "gn")
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.backbone.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        one = model.maps(x)
+        model.backbone_per_sample = False
+        two = model.maps(x)
+    assert calls == [2 + 2 * 9, 2, 2 * 9]  # context + 9 overlapping windows per image in one pass, then apart
+    for key in ("lr", "hr", "attention", "fused"):
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
