@@ -38,14 +38,15 @@ from hrda.optim import build_optimizer  # noqa: E402
 from hrda.segmentor import SegmentorConfig, build_segmentor  # noqa: E402
 
 
-def random_batch(cfg: TrainConfig, device: torch.device, g: torch.Generator) -> dict[str, torch.Tensor]:
+def random_batch(cfg: TrainConfig, device: torch.device, g: torch.Generator) -> dict:
     "A training batch of random images and labels at the configured crop size (labels in blocks, like real ones)."
     b, (h, w) = cfg.batch_size, cfg.crop_size
     coarse = torch.randint(cfg.num_classes, (b, 1, h // 32 + 1, w // 32 + 1), generator=g).float()
     gt = torch.nn.functional.interpolate(coarse, scale_factor=32, mode="nearest")[:, 0, :h, :w].long()
     return {"img": torch.randn(b, 3, h, w, generator=g).to(device), "gt": gt.to(device),
             "target_img": torch.randn(b, 3, h, w, generator=g).to(device),
-            "valid_pseudo_mask": torch.ones(b, h, w).to(device)}
+            "valid_pseudo_mask": torch.ones(b, h, w).to(device),
+            "source_classes": torch.unique(gt).tolist()}  # listed on the host, as the training loader does
 
 
 def compile_regions(model: torch.nn.Module) -> None:

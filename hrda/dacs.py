@@ -129,14 +129,16 @@ def pseudo_label(logits: torch.Tensor, # (B, K, H, W) teacher logits
 # %% ../nbs/05_dacs.ipynb #5b11123c
 def classmix_masks(labels: torch.Tensor, # (B, H, W) source labels
                    generator: torch.Generator, # draws the classes of each image
+                   classes: Sequence[int] | None = None, # the sorted label values of `labels`, if known on the host
                   ) -> torch.Tensor:
     "ClassMix masks (B, H, W) bool: per image, ceil(n/2) of the n batch-wide label values (255 included)."
-    classes = torch.unique(labels)  # sorted
-    n = classes.numel()
+    # the training loader lists the values on the host; finding them here would make the device wait
+    values = torch.unique(labels).cpu() if classes is None else torch.as_tensor(classes, dtype=labels.dtype)
+    n = values.numel()
     masks = []
     for lab in labels:
-        chosen = classes[torch.randperm(n, generator=generator)[: (n + n % 2) // 2].to(classes.device)]
-        masks.append(torch.isin(lab, chosen))
+        chosen = values[torch.randperm(n, generator=generator)[: (n + n % 2) // 2]]
+        masks.append(torch.isin(lab, chosen.to(lab.device, non_blocking=True)))
     return torch.stack(masks)
 
 def mix(mask: torch.Tensor, # (B, H, W) bool, True = take `src`
@@ -253,7 +255,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
               teacher: nn.Module | None, # its EMA copy (None when cfg.self_training is False)
               imnet: nn.Module | None, # the frozen ImageNet segmentor for FD (None disables FD)
               optimizer: torch.optim.Optimizer, # over the student's parameters only
-              batch: dict[str, torch.Tensor], # img (B,3,H,W), gt (B,H,W), target_img, optional valid_pseudo_mask
+              batch: dict[str, Any], # img (B,3,H,W), gt (B,H,W), target_img; optional valid_pseudo_mask, source_classes
               t: int, # the 0-based iteration (drives the EMA warm start)
               generator: torch.Generator, # every random draw of the iteration (coins, crops, classes, factors)
               cfg: DACSConfig | None = None, # the self-training options (default: the paper's)
@@ -297,7 +299,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         with torch.no_grad(), amp(): trg_logits = teacher.encode_decode(trg, **slide)
         pl, pw, q = pseudo_label(trg_logits, cfg.pseudo_threshold, batch.get("valid_pseudo_mask"),
                                  cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom)
-        masks = classmix_masks(gt, generator)  # 6. ClassMix from the source labels
+        masks = classmix_masks(gt, generator, batch.get("source_classes"))  # 6. ClassMix from the source labels
         mix_img, mix_gt, mix_w = mix_batch(masks, img, trg, gt, pl, pw)  # 7. mix, then jitter and blur
         mix_img = strong_augment(mix_img, generator, jitter_coin=jitter_coin, blur_coin=blur_coin,
                                  strength=cfg.color_jitter_strength, jitter_p=cfg.color_jitter_p, blur=cfg.blur,

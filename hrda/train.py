@@ -32,8 +32,9 @@ from .optim import build_optimizer, set_lr_
 from .segmentor import SegmentorConfig, build_segmentor
 
 # %% auto #0
-__all__ = ['INIT_PARTS', 'IterationSampler', 'collate_tensors', 'SyncCrop', 'build_datasets', 'NonFiniteLossError', 'read_log',
-           'RunLog', 'check_finite', 'init_from_run_', 'GracefulStop', 'train', 'train_cli']
+__all__ = ['INIT_PARTS', 'IterationSampler', 'collate_tensors', 'collate_training', 'SyncCrop', 'build_datasets',
+           'NonFiniteLossError', 'read_log', 'RunLog', 'check_finite', 'init_from_run_', 'GracefulStop', 'train',
+           'train_cli']
 
 # %% ../nbs/06a_train.ipynb #02ae9612
 class IterationSampler(Sampler[int]):
@@ -51,6 +52,11 @@ class IterationSampler(Sampler[int]):
 def collate_tensors(items: list[dict]) -> dict[str, torch.Tensor]:
     "Stack the tensor fields of a list of samples (metadata is left out)."
     return {k: torch.stack([it[k] for it in items]) for k, v in items[0].items() if isinstance(v, torch.Tensor)}
+
+def collate_training(items: list[dict]) -> dict[str, Any]:
+    "`collate_tensors`, plus `source_classes`: the sorted label values of the source labels, listed in the loader process."
+    batch = collate_tensors(items)
+    return {**batch, "source_classes": torch.unique(batch["gt"]).tolist()}  # ClassMix draws from them without a device sync
 
 class SyncCrop(Dataset):
     "One random sub-crop box of `size` applied to every image-sized tensor of a pair (source and target alike)."
@@ -263,7 +269,7 @@ def train(cfg: TrainConfig, # the run
         if ckpt is None: (out / "metrics.json").unlink(missing_ok=True)  # a fresh start is not finished
     stop = min(cfg.iters, stop_after or cfg.iters)
     loader = DataLoader(pairs, batch_size=cfg.batch_size, sampler=IterationSampler(start, stop, cfg.batch_size, rank, world),
-                        num_workers=cfg.workers, collate_fn=collate_tensors, pin_memory=device.type == "cuda",
+                        num_workers=cfg.workers, collate_fn=collate_training, pin_memory=device.type == "cuda",
                         generator=make_generator(cfg.seed, "loader"), worker_init_fn=_ignore_interrupts)
     runlog = RunLog(out, start, cfg.tensorboard) if main else None
     dcfg, t0, amp_dtype = narrow(DACSConfig, cfg), time.time(), autocast_dtype(cfg.precision, device)
@@ -281,7 +287,7 @@ def train(cfg: TrainConfig, # the run
 
     with stopper:
         for t, batch in zip(range(start, stop), loader):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, power=cfg.poly_power)
             pending.append((t, average_logs(dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg,
                                                       amp_dtype, scaler).logs)))
