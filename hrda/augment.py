@@ -5,6 +5,7 @@
 # %% ../nbs/04b_augment.ipynb #6de31b82
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -15,21 +16,23 @@ from .core import MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation
 
 # %% auto #0
 __all__ = ['JITTER_OPS', 'denormalize', 'renormalize', 'rgb_to_hsv', 'hsv_to_rgb', 'sample_jitter_params', 'color_jitter',
-           'blur_kernel_size', 'gaussian_kernel1d', 'gaussian_blur', 'strong_augment', 'block_mask']
+           'color_jitter_by_index', 'blur_kernel_size', 'gaussian_kernel1d', 'gaussian_blur', 'blur_kernels',
+           'blur_with_kernels', 'strong_augment', 'draw_strong_augment', 'apply_strong_augment', 'block_mask',
+           'draw_block_grid', 'mask_from_grid']
 
 # %% ../nbs/04b_augment.ipynb #d5184c5b
 def denormalize(img: torch.Tensor, # (B, 3, H, W) normalised
                 mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD, # 0..255 RGB statistics
                ) -> torch.Tensor:
     "The image in [0, 1] RGB: (img · std + mean) / 255."
-    m, s = (torch.tensor(v, dtype=img.dtype, device=img.device).view(1, -1, 1, 1) for v in (mean, std))
+    m, s = (torch.as_tensor(v, dtype=img.dtype, device=img.device).view(1, -1, 1, 1) for v in (mean, std))
     return (img * s + m) / 255
 
 def renormalize(img: torch.Tensor, # (B, 3, H, W) in [0, 1] RGB
                 mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD,
                ) -> torch.Tensor:
     "The inverse of `denormalize`: (img · 255 − mean) / std."
-    m, s = (torch.tensor(v, dtype=img.dtype, device=img.device).view(1, -1, 1, 1) for v in (mean, std))
+    m, s = (torch.as_tensor(v, dtype=img.dtype, device=img.device).view(1, -1, 1, 1) for v in (mean, std))
     return (img * 255 - m) / s
 
 def rgb_to_hsv(img: torch.Tensor, # (B, 3, H, W) RGB in [0, 1]
@@ -91,13 +94,28 @@ def color_jitter(img: torch.Tensor, # (B, 3, H, W) RGB in [0, 1]
                  params: dict[str, torch.Tensor], # from `sample_jitter_params`
                 ) -> torch.Tensor:
     "kornia 0.5.8 ColorJitter semantics: each image gets its 4 adjustments in its own order."
-    ops = dict(brightness=_brightness, contrast=_contrast, saturation=_saturation, hue=_hue)
     out = []
     for i in range(img.shape[0]):
         x = img[i:i + 1]
         for k in params["order"][i].tolist():
             name = JITTER_OPS[k]
-            x = ops[name](x, params[name][i].to(x))
+            x = _JITTER_FNS[name](x, params[name][i].to(x))
+        out.append(x)
+    return torch.cat(out)
+
+_JITTER_FNS = dict(brightness=_brightness, contrast=_contrast, saturation=_saturation, hue=_hue)
+
+def color_jitter_by_index(img: torch.Tensor, # (B, 3, H, W) RGB in [0, 1]
+                          params: dict[str, torch.Tensor], # `sample_jitter_params` on img's device
+                         ) -> torch.Tensor:
+    "`color_jitter` without reading `order` on the host: at each of the 4 positions every op runs and the drawn one is kept."
+    out = []
+    for i in range(img.shape[0]):  # image by image, like `color_jitter`, so every value is the same
+        x = img[i:i + 1]
+        for pos in range(len(JITTER_OPS)):
+            k = params["order"][i, pos]
+            tried = [_JITTER_FNS[name](x, params[name][i].to(x)) for name in JITTER_OPS]
+            x = functools.reduce(lambda acc, j: torch.where(k == j, tried[j], acc), range(1, len(tried)), tried[0])
         out.append(x)
     return torch.cat(out)
 
@@ -125,9 +143,23 @@ def gaussian_blur(img: torch.Tensor, # (B, C, H, W)
     B, C, H, W = img.shape
     ky, kx = kernel_size or (blur_kernel_size(H), blur_kernel_size(W))
     if ky % 2 == 0 or kx % 2 == 0: raise ValueError(f"blur kernel sizes must be odd, got {(ky, kx)}")
+    wy, wx = blur_kernels(sigma, (ky, kx))
+    return blur_with_kernels(img, wy.to(img), wx.to(img))
+
+def blur_kernels(sigma: Sequence[float] | torch.Tensor, # (B,) one σ per image
+                 kernel_size: tuple[int, int], # (ky, kx), odd
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    "The (B, ky) and (B, kx) Gaussian kernels of `gaussian_blur`, made on the host."
     sigma = [float(s) for s in sigma]
-    wy = torch.stack([gaussian_kernel1d(ky, s) for s in sigma]).to(img).repeat_interleave(C, 0)  # (B·C, ky)
-    wx = torch.stack([gaussian_kernel1d(kx, s) for s in sigma]).to(img).repeat_interleave(C, 0)
+    return tuple(torch.stack([gaussian_kernel1d(k, s) for s in sigma]) for k in kernel_size)
+
+def blur_with_kernels(img: torch.Tensor, # (B, C, H, W)
+                      wy: torch.Tensor, # (B, ky) each image's vertical kernel, on img's device and dtype
+                      wx: torch.Tensor, # (B, kx) and its horizontal one
+                     ) -> torch.Tensor:
+    "Separable blur of every image with its own kernels, reflect border."
+    B, C, H, W = img.shape
+    (ky, kx), wy, wx = (wy.shape[1], wx.shape[1]), wy.repeat_interleave(C, 0), wx.repeat_interleave(C, 0)  # (B·C, k)
     x = F.pad(img, (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect").reshape(1, B * C, H + ky - 1, W + kx - 1)
     x = F.conv2d(x, wy.view(B * C, 1, ky, 1), groups=B * C)
     x = F.conv2d(x, wx.view(B * C, 1, 1, kx), groups=B * C)
@@ -149,9 +181,34 @@ def strong_augment(img: torch.Tensor, # (B, 3, H, W) normalised mixed images
         params = sample_jitter_params(img.shape[0], strength, generator)
         img = renormalize(color_jitter(denormalize(img, mean, std), params), mean, std)
     if blur and blur_coin > 0.5:
-        sigma = 0.15 + torch.rand(img.shape[0], generator=generator, dtype=torch.float64)  # U(0.15, 1.15)
-        img = gaussian_blur(img, sigma)
+        img = gaussian_blur(img, _blur_sigma(img.shape[0], generator))
     return img
+
+def _blur_sigma(n: int, generator: torch.Generator) -> torch.Tensor:
+    return 0.15 + torch.rand(n, generator=generator, dtype=torch.float64)  # U(0.15, 1.15)
+
+def draw_strong_augment(n: int, # number of images
+                        hw: Sequence[int], # (H, W) of the images (sets the blur kernel sizes)
+                        generator: torch.Generator, # the same draws, in the same order, as `strong_augment`
+                        *, jitter_coin: float, blur_coin: float, strength: float = 0.2, jitter_p: float = 0.2,
+                        blur: bool = True,
+                       ) -> dict[str, torch.Tensor]:
+    "The random part of `strong_augment` as CPU tensors of fixed shapes: whether each transform applies, and its parameters."
+    jitter_on, blur_on = jitter_coin > jitter_p, blur and blur_coin > 0.5
+    params = sample_jitter_params(n, strength, generator) if jitter_on else dict(  # unused values when off
+        brightness=torch.ones(n), contrast=torch.ones(n), saturation=torch.ones(n), hue=torch.zeros(n),
+        order=torch.arange(4).repeat(n, 1))
+    wy, wx = blur_kernels(_blur_sigma(n, generator) if blur_on else [1.0] * n, (blur_kernel_size(hw[0]), blur_kernel_size(hw[1])))
+    return dict(jitter_on=torch.tensor(jitter_on), **params, blur_on=torch.tensor(blur_on), blur_y=wy, blur_x=wx)
+
+def apply_strong_augment(img: torch.Tensor, # (B, 3, H, W) normalised mixed images
+                         drawn: dict[str, torch.Tensor], # `draw_strong_augment`, on img's device
+                         mean: Sequence[float] | torch.Tensor = IMG_MEAN, std: Sequence[float] | torch.Tensor = IMG_STD,
+                        ) -> torch.Tensor:
+    "`strong_augment` with its draws made beforehand: every transform runs and the drawn outcome is kept (no host branch)."
+    jittered = renormalize(color_jitter_by_index(denormalize(img, mean, std), drawn), mean, std)
+    img = torch.where(drawn["jitter_on"], jittered, img)
+    return torch.where(drawn["blur_on"], blur_with_kernels(img, drawn["blur_y"].to(img), drawn["blur_x"].to(img)), img)
 
 # %% ../nbs/04b_augment.ipynb #38093596
 def block_mask(shape: Sequence[int], # (B, H, W) of the images to mask
@@ -161,7 +218,19 @@ def block_mask(shape: Sequence[int], # (B, H, W) of the images to mask
                device: torch.device | str | None = None, # where the mask goes (the draw is on the CPU)
               ) -> torch.Tensor:
     "A (B, 1, H, W) float mask of blocks: 1 where the image stays visible (its block's U(0, 1) number > `ratio`), else 0."
+    return mask_from_grid(draw_block_grid(shape, block_size, generator).to(device), shape[-2:], ratio)
+
+def draw_block_grid(shape: Sequence[int], # (B, H, W) of the images to mask
+                    block_size: int, # b
+                    generator: torch.Generator | None,
+                   ) -> torch.Tensor:
+    "The U(0, 1) number (B, 1, ⌊H/b⌉, ⌊W/b⌉) of every block, drawn on the CPU."
     B, H, W = shape
-    grid = torch.rand(B, 1, max(round(H / block_size), 1), max(round(W / block_size), 1), generator=generator)
-    keep = (grid > ratio).float().to(device)
-    return F.interpolate(keep, size=(H, W), mode="nearest")
+    return torch.rand(B, 1, max(round(H / block_size), 1), max(round(W / block_size), 1), generator=generator)
+
+def mask_from_grid(grid: torch.Tensor, # from `draw_block_grid`
+                   hw: Sequence[int], # (H, W) of the images
+                   ratio: float, # r
+                  ) -> torch.Tensor:
+    "The (B, 1, H, W) block mask of a drawn grid: blocks whose number is above `ratio` stay visible."
+    return F.interpolate((grid > ratio).float(), size=tuple(hw), mode="nearest")

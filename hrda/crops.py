@@ -6,21 +6,32 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 # %% auto #0
-__all__ = ['Box', 'box_hw', 'sample_crop_box', 'crop', 'scale_box', 'slide_boxes', 'window_counts', 'crop_windows',
+__all__ = ['Box', 'TensorBox', 'box_hw', 'sample_crop_box', 'crop', 'scale_box', 'slide_boxes', 'window_counts', 'crop_windows',
            'stitch_windows', 'insert_box']
 
 # %% ../nbs/02_crops.ipynb #d5980cdb
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive
 
-def box_hw(box: Box) -> tuple[int, int]:
+class TensorBox(NamedTuple):
+    "A box of fixed size whose offsets are a tensor on the device: a step replayed as a CUDA graph crops with it."
+    offsets: torch.Tensor  # (2,) int64 (y1, x1), checked on the host when drawn
+    hw: tuple[int, int]  # (h, w), the same at every replay
+
+def box_hw(box: Box | TensorBox) -> tuple[int, int]:
     "The (height, width) of `box`."
+    if isinstance(box, TensorBox): return tuple(box.hw)
     y1, y2, x1, x2 = box
     return y2 - y1, x2 - x1
+
+def _box_indices(box: TensorBox, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    "The row and column indices a `TensorBox` covers, on `device`."
+    offsets = box.offsets.to(device)
+    return tuple(offsets[i] + torch.arange(box.hw[i], device=device) for i in range(2))
 
 # %% ../nbs/02_crops.ipynb #d544f8de
 def sample_crop_box(img_hw: Sequence[int], # (H, W) of the image the box indexes
@@ -41,20 +52,26 @@ def sample_crop_box(img_hw: Sequence[int], # (H, W) of the image the box indexes
 
 # %% ../nbs/02_crops.ipynb #60101afa
 def crop(x: torch.Tensor, # (..., H, W) image, logits, label or weight
-         box: Box, # in the pixels of `x`
+         box: Box | TensorBox, # in the pixels of `x`
         ) -> torch.Tensor:
-    "The part of `x` inside `box` (a view), on the last two axes."
+    "The part of `x` inside `box` (a view; a copy for a `TensorBox`), on the last two axes."
+    if isinstance(box, TensorBox):
+        rows, cols = _box_indices(box, x.device)
+        return x.index_select(-2, rows).index_select(-1, cols)
     y1, y2, x1, x2 = box
     H, W = x.shape[-2:]
     if not (0 <= y1 < y2 <= H and 0 <= x1 < x2 <= W):
         raise ValueError(f"box {tuple(box)} does not lie inside a map of size {(H, W)}")
     return x[..., y1:y2, x1:x2]
 
-def scale_box(box: Box, # a box in the pixels of one map
+def scale_box(box: Box | TensorBox, # a box in the pixels of one map
               factor: float, # size of the target map / size of this map, e.g. 1/8 for the LR logit map
               exact: bool = True, # require integer results; False truncates like `int()` (the DeepLabV2 variant)
-             ) -> Box:
+             ) -> Box | TensorBox:
     "`box` in the pixels of a map `factor` times the size; by default every coordinate must stay an integer."
+    if isinstance(box, TensorBox):  # the size is checked here; the offsets were drawn as multiples that scale exactly
+        hw = scale_box((0, box.hw[0], 0, box.hw[1]), factor, exact)
+        return TensorBox((box.offsets.double() * factor).floor().long(), box_hw(hw))
     out = []
     for v in box:
         s = v * factor
@@ -103,21 +120,25 @@ def stitch_windows(windows: torch.Tensor, # (n·B, K, h, w) window-major predict
     out = windows.new_zeros(B, K, *out_hw)
     for i, (y1, y2, x1, x2) in enumerate(boxes):
         out[:, :, y1:y2, x1:x2] += windows[i * B:(i + 1) * B]
-    return out / _checked_counts(tuple(map(tuple, boxes)), tuple(out_hw)).to(out)
+    return out / _checked_counts(tuple(map(tuple, boxes)), tuple(out_hw), out.device, out.dtype)
 
 @functools.lru_cache(maxsize=64)
-def _checked_counts(boxes: tuple[Box, ...], out_hw: tuple[int, int]) -> torch.Tensor:
-    "`window_counts`, checked to cover the map; computed once per layout (training slides the same windows every time)."
+def _checked_counts(boxes: tuple[Box, ...], out_hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    "`window_counts` on `device`, checked to cover the map; made once per layout (training slides the same windows)."
     count = window_counts(boxes, out_hw)  # on the CPU: the check reads no device memory
     if (count == 0).any(): raise ValueError(f"the windows do not cover the whole {out_hw} map")
-    return count
+    return count.to(device, dtype)  # copied once: a captured step may not copy from the host
 
 def insert_box(x: torch.Tensor, # (B, K, h, w) the content of the box
-               box: Box, # where it goes, in the pixels of the output map
+               box: Box | TensorBox, # where it goes, in the pixels of the output map
                out_hw: Sequence[int], # (H, W) of the output map
               ) -> torch.Tensor:
     "A (B, K, H, W) map of zeros with `x` inside `box` (differentiable)."
-    y1, y2, x1, x2 = box
     if box_hw(box) != tuple(x.shape[-2:]):
         raise ValueError(f"box {tuple(box)} of size {box_hw(box)} cannot hold a map of size {tuple(x.shape[-2:])}")
+    if isinstance(box, TensorBox):  # the same values as the padding below, placed by index
+        rows, cols = _box_indices(box, x.device)
+        wide = x.new_zeros(*x.shape[:-1], out_hw[1]).index_copy(x.ndim - 1, cols, x)
+        return x.new_zeros(*x.shape[:-2], *out_hw).index_copy(x.ndim - 2, rows, wide)
+    y1, y2, x1, x2 = box
     return torch.nn.functional.pad(x, (x1, out_hw[1] - x2, y1, out_hw[0] - y2))

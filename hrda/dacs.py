@@ -5,19 +5,22 @@
 # %% ../nbs/05_dacs.ipynb #205c6532
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from .augment import block_mask, strong_augment
+from .augment import apply_strong_augment, block_mask, mask_from_grid, strong_augment
+from .crops import TensorBox
 from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
 # %% auto #0
 __all__ = ['FD_CLASSES', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_', 'confidence_weight',
-           'PseudoLabels', 'pseudo_label', 'classmix_masks', 'mix', 'mix_batch', 'downscale_label_ratio',
-           'feature_distance', 'hold_in_dtype_', 'mic_batch', 'DACSStepOutput', 'read_logs', 'dacs_step']
+           'PseudoLabels', 'pseudo_label', 'classmix_masks', 'classmix_choices', 'classmix_masks_from', 'isin_few',
+           'mix', 'mix_batch', 'downscale_label_ratio', 'feature_distance', 'hold_in_dtype_', 'mic_batch',
+           'DACSStepOutput', 'read_logs', 'dacs_step']
 
 # %% ../nbs/05_dacs.ipynb #52834e73
 FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-distance classes (no pole)
@@ -71,12 +74,13 @@ def ema_init_(teacher: nn.Module, # the EMA model, changed in place
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, # the EMA model, changed in place
                 student: nn.Module, # the trained model
-                alpha: float, # weight of the old teacher
+                alpha: float | torch.Tensor, # weight of the old teacher
+                beta: float | torch.Tensor | None = None, # 1 − α (pass it with a tensor α: rounded from the float)
                ) -> None:
     "θ_T ← α θ_T + (1 − α) θ_S for every parameter pair (not buffers)."
     tp, sp = _param_pairs(teacher, student)
     torch._foreach_mul_(tp, alpha)
-    torch._foreach_add_(tp, torch._foreach_mul(sp, 1 - alpha))
+    torch._foreach_add_(tp, torch._foreach_mul(sp, 1 - alpha if beta is None else beta))
 
 def ema_step_(teacher: nn.Module, # the EMA model, changed in place
               student: nn.Module, # the trained model (weights after step t - 1)
@@ -133,13 +137,32 @@ def classmix_masks(labels: torch.Tensor, # (B, H, W) source labels
                   ) -> torch.Tensor:
     "ClassMix masks (B, H, W) bool: per image, ceil(n/2) of the n batch-wide label values (255 included)."
     # the training loader lists the values on the host; finding them here would make the device wait
-    values = torch.unique(labels).cpu() if classes is None else torch.as_tensor(classes, dtype=labels.dtype)
-    n = values.numel()
-    masks = []
-    for lab in labels:
-        chosen = values[torch.randperm(n, generator=generator)[: (n + n % 2) // 2]]
-        masks.append(torch.isin(lab, chosen.to(lab.device, non_blocking=True)))
-    return torch.stack(masks)
+    values = torch.unique(labels).tolist() if classes is None else classes
+    return classmix_masks_from(labels, classmix_choices(values, labels.shape[0], generator).to(labels.device, non_blocking=True))
+
+def classmix_choices(classes: Sequence[int], # the n sorted label values of the source batch
+                     n_images: int, # B
+                     generator: torch.Generator, # draws the classes of each image
+                     width: int | None = None, # pad the rows to this many values (fixed shapes), default ceil(n/2)
+                    ) -> torch.Tensor:
+    "The values each image pastes (B, width) int64: ceil(n/2) of `classes` per image, then -1 (no label) as padding."
+    values, n = torch.as_tensor(classes, dtype=torch.long), len(classes)
+    k = (n + n % 2) // 2
+    out = torch.full((n_images, max(k, width or 0)), -1, dtype=torch.long)
+    for row in out: row[:k] = values[torch.randperm(n, generator=generator)[:k]]
+    return out
+
+def classmix_masks_from(labels: torch.Tensor, # (B, H, W) source labels
+                        choices: torch.Tensor, # (B, width) from `classmix_choices`, on the labels' device
+                       ) -> torch.Tensor:
+    "The ClassMix masks (B, H, W) bool of drawn choices: where each image's label is one of its values."
+    return isin_few(labels, choices[:, None, None, :])
+
+def isin_few(x: torch.Tensor, # (...) values to look up
+             values: torch.Tensor, # (..., n) a few values, broadcast against x's shape + (n,)
+            ) -> torch.Tensor:
+    "`torch.isin` for a few values by comparison: never its sorting path, whose `unique` has a data-dependent shape."
+    return (x.unsqueeze(-1) == values).any(-1)
 
 def mix(mask: torch.Tensor, # (B, H, W) bool, True = take `src`
         src: torch.Tensor, # (B, H, W) or (B, C, H, W)
@@ -197,9 +220,13 @@ def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottlene
         if small.shape != dist.shape:
             raise ValueError(f"labels {tuple(label.shape)} pooled by {factor} give {tuple(small.shape)}, "
                              f"but the features are {tuple(dist.shape)}; pass the labels of the images the features come from")
-        mask = torch.isin(small, torch.tensor(list(classes), device=small.device))
+        mask = isin_few(small, _class_tensor(tuple(classes), small.device))
     count = mask.sum()  # an empty mask gives 0 (the original's NaN mean, made a no-op), with no data-dependent shape
     return lam * torch.where(mask, dist, 0.0).sum() / count.clamp(min=1), mask
+
+@functools.lru_cache(maxsize=16)
+def _class_tensor(classes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(classes, device=device)  # copied once per device: a captured step may not copy from the host
 
 def hold_in_dtype_(model: nn.Module, # a frozen model that only runs under autocast (the ImageNet model of FD)
                    dtype: torch.dtype | None, # the autocast dtype; None (float32 training) leaves the model as it is
@@ -218,9 +245,12 @@ def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
               pseudo_weight: torch.Tensor, # (B, H, W) their confidence weights
               generator: torch.Generator, # fresh colour draws and the mask
               cfg: DACSConfig, # mic_mode, mic_block_size, mic_mask_ratio and the colour settings
+              draws: dict[str, torch.Tensor] | None = None, # made beforehand (`hrda.replay.draw_step`): `generator` unused
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "(masked images, labels, weights) of the MIC pass: the target batch colour-augmented with its own draws, or one source and one target image."
-    if cfg.mic_mode == "separatetrgaug":
+    if cfg.mic_mode == "separatetrgaug" and draws is not None:
+        m_img, m_gt, m_w = apply_strong_augment(trg, _prefixed(draws, "mic."), draws["mean"], draws["std"]), pseudo_gt, pseudo_weight
+    elif cfg.mic_mode == "separatetrgaug":
         jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # not ClassMix's coins
         m_img = strong_augment(trg, generator, jitter_coin=jitter_coin, blur_coin=blur_coin,
                                strength=cfg.color_jitter_strength, jitter_p=cfg.color_jitter_p, blur=cfg.blur,
@@ -232,8 +262,17 @@ def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
         m_img, m_gt = torch.cat([img[:1], trg[:1]]), torch.cat([gt[:1], pseudo_gt[:1]])
         m_w = torch.cat([torch.ones_like(pseudo_weight[:1]), pseudo_weight[:1]])  # source pixels weigh 1
     else: raise ValueError(f"unknown mic_mode {cfg.mic_mode!r}; use 'separatetrgaug' or 'separate'")
-    mask = block_mask((m_img.shape[0], *m_img.shape[-2:]), cfg.mic_block_size, cfg.mic_mask_ratio, generator, m_img.device)
+    if draws is not None: mask = mask_from_grid(draws["mic.grid"], m_img.shape[-2:], cfg.mic_mask_ratio)
+    else: mask = block_mask((m_img.shape[0], *m_img.shape[-2:]), cfg.mic_block_size, cfg.mic_mask_ratio, generator, m_img.device)
     return m_img * mask.to(m_img.dtype), m_gt, m_w
+
+def _prefixed(draws: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in draws.items() if k.startswith(prefix)}
+
+def _drawn_box(student: nn.Module, draws: dict[str, torch.Tensor] | None, key: str) -> TensorBox | None:
+    "The detail box `key` of the draws (None: drawn in the forward, or the model has none)."
+    if draws is None or key not in draws: return None
+    return TensorBox(draws[key], tuple(getattr(student, "module", student).cfg.hr_crop_size))
 
 class DACSStepOutput(NamedTuple):
     "What one iteration returns: its logs (0-d device tensors and floats), and (when asked) its intermediate tensors."
@@ -262,6 +301,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
               amp_dtype: torch.dtype | None = None, # autocast dtype of the forward passes (None = float32)
               scaler: torch.amp.GradScaler | None = None, # loss scaler for float16
               return_debug: bool = False, # also return the intermediate tensors
+              draws: dict[str, torch.Tensor] | None = None, # every draw made beforehand (`hrda.replay.draw_step`), on the device
              ) -> DACSStepOutput:
     "One DACS/HRDA self-training iteration in the original order: two backward passes (source with FD, mixed; MIC adds one), one step."
     cfg = cfg or DACSConfig()
@@ -270,16 +310,21 @@ def dacs_step(student: nn.Module, # the segmentor being trained
                          "for source-only training pass cfg=DACSConfig(self_training=False)")
     img, gt = batch["img"], batch["gt"]
     gt = gt[:, 0] if gt.ndim == 4 else gt
-    amp = lambda: torch.autocast(img.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    capturing = img.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph keeps no autocast cache
+    amp = lambda: torch.autocast(img.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not capturing)
     backward = lambda loss, **kw: (scaler.scale(loss) if scaler is not None else loss).backward(**kw)
     logs: dict[str, float | torch.Tensor] = {}
     extra = dict(return_maps=True) if return_debug else {}
     student.train()
     optimizer.zero_grad(set_to_none=True)
-    if cfg.self_training: logs["ema_alpha"] = ema_step_(teacher, student, t, cfg.alpha)  # 1. EMA before any forward
-    jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # 2. shared coins
+    if cfg.self_training and draws is not None:  # 1. EMA before any forward
+        ema_update_(teacher, student, draws["ema_alpha"].float(), draws["ema_beta"].float())  # t = 0: α = 0, the copy
+        logs["ema_alpha"] = draws["ema_alpha"]
+    elif cfg.self_training: logs["ema_alpha"] = ema_step_(teacher, student, t, cfg.alpha)
+    if draws is None: jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # 2. shared coins
     fd = imnet is not None and cfg.fd_lambda > 0
-    with amp(): src = _train_forward(student, img, gt, None, generator=generator, return_features=fd, **extra)
+    with amp(): src = _train_forward(student, img, gt, None, generator=generator, box=_drawn_box(student, draws, "src_box"),
+                                     return_features=fd, **extra)
     if not fd: backward(src["loss"])  # 3. source pass
     logs.update({f"decode.{k}": v for k, v in src["logs"].items()})
     debug: dict[str, Any] = dict(src_img=img, src_gt=gt, src_maps=src.get("maps"))
@@ -299,12 +344,15 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         with torch.no_grad(), amp(): trg_logits = teacher.encode_decode(trg, **slide)
         pl, pw, q = pseudo_label(trg_logits, cfg.pseudo_threshold, batch.get("valid_pseudo_mask"),
                                  cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom)
-        masks = classmix_masks(gt, generator, batch.get("source_classes"))  # 6. ClassMix from the source labels
+        if draws is not None: masks = classmix_masks_from(gt, draws["classmix"])  # 6. ClassMix from the source labels
+        else: masks = classmix_masks(gt, generator, batch.get("source_classes"))
         mix_img, mix_gt, mix_w = mix_batch(masks, img, trg, gt, pl, pw)  # 7. mix, then jitter and blur
-        mix_img = strong_augment(mix_img, generator, jitter_coin=jitter_coin, blur_coin=blur_coin,
-                                 strength=cfg.color_jitter_strength, jitter_p=cfg.color_jitter_p, blur=cfg.blur,
-                                 mean=cfg.mean, std=cfg.std)
-        with amp(): mixed = _train_forward(student, mix_img, mix_gt, mix_w, generator=generator, **extra)
+        if draws is not None: mix_img = apply_strong_augment(mix_img, _prefixed(draws, "mix."), draws["mean"], draws["std"])
+        else: mix_img = strong_augment(mix_img, generator, jitter_coin=jitter_coin, blur_coin=blur_coin,
+                                       strength=cfg.color_jitter_strength, jitter_p=cfg.color_jitter_p, blur=cfg.blur,
+                                       mean=cfg.mean, std=cfg.std)
+        with amp(): mixed = _train_forward(student, mix_img, mix_gt, mix_w, generator=generator,
+                                           box=_drawn_box(student, draws, "mix_box"), **extra)
         backward(mixed["loss"])  # 8. mixed pass
         logs.update({f"mix.decode.{k}": v for k, v in mixed["logs"].items()})
         logs["pseudo_weight"] = q.detach()
@@ -312,8 +360,9 @@ def dacs_step(student: nn.Module, # the segmentor being trained
                      mix_weight=mix_w, mix_maps=mixed.get("maps"))
         del mixed
         if cfg.mic_lambda > 0:  # 9. masked image consistency: the same pseudo-label, a masked image
-            m_img, m_gt, m_w = mic_batch(img, gt, trg, pl, pw, generator, cfg)
-            with amp(): masked = _train_forward(student, m_img, m_gt, m_w, generator=generator, **extra)
+            m_img, m_gt, m_w = mic_batch(img, gt, trg, pl, pw, generator, cfg, draws)
+            with amp(): masked = _train_forward(student, m_img, m_gt, m_w, generator=generator,
+                                                box=_drawn_box(student, draws, "mic_box"), **extra)
             backward(cfg.mic_lambda * masked["loss"])
             logs.update({f"masked.decode.{k}": v for k, v in masked["logs"].items()})
             debug.update(mic_img=m_img, mic_gt=m_gt, mic_weight=m_w, mic_maps=masked.get("maps"))

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['CUSTOM_KEYS', 'param_multipliers', 'param_groups', 'build_optimizer', 'lr_at', 'set_lr_', 'poly_warmup_scheduler']
+__all__ = ['CUSTOM_KEYS', 'param_multipliers', 'param_groups', 'build_optimizer', 'set_capturable_', 'lr_at', 'set_lr_',
+           'poly_warmup_scheduler']
 
 # %% ../nbs/05a_optim.ipynb #316669b7
 CUSTOM_KEYS: tuple[tuple[str, float, float], ...] = (
@@ -50,13 +51,25 @@ def build_optimizer(model: nn.Module, # the student segmentor (only its trainabl
                     betas: tuple[float, float] = (0.9, 0.999), # Adam betas
                     eps: float = 1e-8, # Adam epsilon
                     custom_keys: Sequence[tuple[str, float, float]] = CUSTOM_KEYS, # see `param_multipliers`
+                    capturable: bool = False, # learning rates as device tensors, so that a CUDA graph can replay the step
                    ) -> torch.optim.AdamW:
     "The AdamW optimiser of HRDA/DAFormer with the parameter-wise rules of `param_groups`."
     groups = param_groups(model, lr, weight_decay, custom_keys)
     if not groups: raise ValueError("the model has no trainable parameters; did you pass the teacher instead of the student?")
     device = groups[0]["params"][0][1].device.type
     fused = device in ("cpu", "cuda", "mps")  # one kernel for all tensors, and no per-tensor step count read back to the host
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+    return set_capturable_(opt, capturable)
+
+def set_capturable_(optimizer: torch.optim.Optimizer, # an AdamW (also one just loaded from a checkpoint)
+                    capturable: bool, # True: every group's lr a 0-d tensor on its parameters' device; False: a float
+                   ) -> torch.optim.Optimizer:
+    "Make the learning rates tensors that a replayed step reads (or floats again); the values stay the same."
+    for g in optimizer.param_groups:
+        g["lr"], g["capturable"], device = float(g["lr"]), capturable, g["params"][0].device
+        # the precision each fused kernel computes the lr in: double on the CPU, float on CUDA
+        if capturable: g["lr"] = torch.tensor(g["lr"], device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    return optimizer
 
 # %% ../nbs/05a_optim.ipynb #7573cd16
 def lr_at(t: int, # the 0-based iteration about to run
@@ -86,8 +99,10 @@ def set_lr_(optimizer: torch.optim.Optimizer, # groups made by `param_groups` (e
            ) -> float:
     "Set every group's lr for iteration `t` (stateless, so resuming needs no scheduler state); return group 0's lr."
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(t, base_lr * g.get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr)
-    return optimizer.param_groups[0]["lr"]
+        lr = lr_at(t, base_lr * g.get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr)
+        if isinstance(g["lr"], torch.Tensor): g["lr"].fill_(lr)  # in place: a captured step reads this tensor
+        else: g["lr"] = lr
+    return lr_at(t, base_lr * optimizer.param_groups[0].get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr)
 
 def poly_warmup_scheduler(optimizer: torch.optim.Optimizer, # its groups' current lr are the bases
                           max_iters: int = 40000, # see `lr_at`

@@ -15,7 +15,7 @@ from torch import nn
 
 from .backbones import create_backbone
 from .core import IGNORE_INDEX, allowed, check_ranges
-from .crops import (Box, box_hw, crop, crop_windows, insert_box, sample_crop_box, scale_box, slide_boxes,
+from .crops import (Box, TensorBox, box_hw, crop, crop_windows, insert_box, sample_crop_box, scale_box, slide_boxes,
                         stitch_windows)
 from .heads import create_head
 
@@ -161,6 +161,12 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"training crops must be multiples of {self.train_unit} pixels (output stride x scale ratio) so "
                              f"that the LR and HR logit maps align; got {tuple(img.shape[-2:])}: change the crop size of the data")
 
+    def draw_box(self, img_hw: Sequence[int], # (H, W) of the training crop
+                 generator: torch.Generator, # the iteration's random stream
+                ) -> Box | None:
+        "The detail box of one training batch, in the pixels of the HR input (None: this model has no detail crop)."
+        return None
+
     def extract_features(self, img: torch.Tensor, # (B, 3, H, W) normalised
                         ) -> list[torch.Tensor]:
         "The backbone features at the first (context) scale, for the feature-distance loss."
@@ -170,6 +176,7 @@ class EncoderDecoder(nn.Module):
                       gt: torch.Tensor, # (B, H, W) or (B, 1, H, W) int64 labels
                       weight: torch.Tensor | None = None, # (B, H, W) pixel weights (pseudo-label confidence)
                       *, generator: torch.Generator | None = None, # unused here (HRDA draws its detail box from it)
+                      box: Box | TensorBox | None = None, # unused here (HRDA's detail box, drawn beforehand)
                       return_features: bool = False, # also return the backbone features (for FD)
                       return_maps: bool = False, # also return the detached logits (for debug images)
                      ) -> dict[str, Any]:
@@ -271,6 +278,15 @@ class HRDAEncoderDecoder(EncoderDecoder):
         if fixed is not None: return lr_logits.new_full((lr_logits.shape[0], 1, *lr_logits.shape[-2:]), float(fixed))
         return torch.sigmoid(self.attention_head(feats))
 
+    def draw_box(self, img_hw: Sequence[int], # (H, W) of the training crop
+                 generator: torch.Generator, # the iteration's random stream
+                ) -> Box | None:
+        "The random detail box of one training batch in HR-input pixels (offsets multiples of `crop_coord_divisible`)."
+        if self.cfg.hr_crop_size is None: return None
+        if generator is None: raise ValueError("HRDA's forward_train needs a generator (or a box) for its detail crop")
+        hr_hw = [n if self.hr_scale == 1 else math.floor(n * self.hr_scale) for n in img_hw]  # the size `resize` gives
+        return sample_crop_box(hr_hw, self.cfg.hr_crop_size, self.cfg.crop_coord_divisible, generator)
+
     def _both_scales(self, lr_in: torch.Tensor, # (B, 3, h, w) the context input
                      hr_in: torch.Tensor, # (n·B, 3, h', w') the detail crop(s) or windows
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -288,7 +304,8 @@ class HRDAEncoderDecoder(EncoderDecoder):
     def forward_train(self, img: torch.Tensor, # (B, 3, H, W) normalised context crop
                       gt: torch.Tensor, # (B, H, W) or (B, 1, H, W) int64 labels
                       weight: torch.Tensor | None = None, # (B, H, W) pixel weights (pseudo-label confidence)
-                      *, generator: torch.Generator, # draws the detail box
+                      *, generator: torch.Generator | None = None, # draws the detail box (unless `box` is given)
+                      box: Box | TensorBox | None = None, # the detail box in HR-input pixels, drawn beforehand by `draw_box`
                       return_features: bool = False, # also return the LR context features (for FD)
                       return_maps: bool = False, # also return detached lr/hr/attention/fused maps (for debug images)
                      ) -> dict[str, Any]:
@@ -298,9 +315,8 @@ class HRDAEncoderDecoder(EncoderDecoder):
         cfg, out = self.cfg, {}
         self._check_train_crop(img)
         lr_in, hr_img = resize(img, scale=self.lr_scale), resize(img, scale=self.hr_scale)
-        if cfg.hr_crop_size is not None:
-            box = sample_crop_box(hr_img.shape[-2:], cfg.hr_crop_size, cfg.crop_coord_divisible, generator)
-        else: box = (0, hr_img.shape[-2], 0, hr_img.shape[-1])
+        if box is None: box = self.draw_box(img.shape[-2:], generator)
+        if box is None: box = (0, hr_img.shape[-2], 0, hr_img.shape[-1])
         hr_in = crop(hr_img, box)
         if cfg.blur_hr_crop: hr_in = blur_downup(hr_in)
         lr_feats, hr_feats, lr_logits, hr_logits = self._both_scales(lr_in, hr_in)  # (B, K, h, w) logits each
