@@ -96,6 +96,7 @@ class RunOptions:
     seed: int = 1  # run seed (the paper averages seeds 0, 1, 2)
     device: str = field(default="auto", metadata=RUN_ONLY)  # 'auto', 'cpu', 'cuda', 'cuda:N'
     precision: Precision = "fp32"  # autocast: fp32, tf32, bf16 or fp16 (fp16 uses a loss scaler)
+    step_mode: Literal["eager", "replay", "graph"] = field(default="eager", metadata=RUN_ONLY)  # eager: the step as written; replay: its draws made first, run on fixed buffers (the same numbers, any device); graph: replay captured once as a CUDA graph (one CUDA GPU, not fp16)
     threads: int = field(default=0, metadata=RUN_ONLY | allowed('>= 0'))  # torch CPU threads of this process (0: torch's default; 1 is fastest for tiny CPU models)
     eval_every: int = field(default=4000, metadata=RUN_ONLY | allowed('>= 0'))  # evaluate the student on the target val split every this many iterations (0: only at the end)
     val_max_images: int = field(default=0, metadata=RUN_ONLY | allowed('>= 0'))  # evaluate on the first N val images only (0: all)

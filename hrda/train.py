@@ -28,7 +28,8 @@ from .dacs import DACSConfig, dacs_step, hold_in_dtype_, read_logs
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
 from .evaluation import evaluate, summary_line
-from .optim import build_optimizer, set_lr_
+from .optim import build_optimizer, set_capturable_, set_lr_
+from .replay import ReplayStep
 from .segmentor import SegmentorConfig, build_segmentor
 
 # %% auto #0
@@ -233,6 +234,9 @@ def train(cfg: TrainConfig, # the run
     device = resolve_device(cfg.device)
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rank, world = init_distributed(device)
+    if cfg.step_mode == "graph" and (device.type != "cuda" or world > 1 or cfg.precision == "fp16"):
+        raise ConfigError(f"step_mode=graph needs one CUDA device and fp32, tf32 or bf16 (here {device.type}, {world} "
+                          f"process(es), {cfg.precision}); use step_mode=replay or eager")
     main, out = rank == 0, run_dir(cfg)
     ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
     changes = list((ckpt or {}).get("config_changes", [])) + changed  # every allowed change of the run, oldest first
@@ -250,7 +254,8 @@ def train(cfg: TrainConfig, # the run
         hold_in_dtype_(imnet, autocast_dtype(cfg.precision, device))  # frozen: cast once, not at every forward
     elif cfg.fd_lambda > 0 and main: log.info("feature distance disabled: it needs ImageNet weights (set pretrained)")
     student = wrap_ddp(student, device, find_unused_parameters=cfg.fixed_attention is not None)
-    optimizer = build_optimizer(unwrap(student), cfg.lr, cfg.weight_decay)
+    capturable = cfg.step_mode != "eager"  # the learning rates as device tensors, as a graph reads them
+    optimizer = build_optimizer(unwrap(student), cfg.lr, cfg.weight_decay, capturable=capturable)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     generator = make_generator(cfg.seed, "train", rank)
     start, evals, seconds = 0, [], 0.0
@@ -258,6 +263,7 @@ def train(cfg: TrainConfig, # the run
         unwrap(student).load_state_dict(ckpt["student"])
         if teacher is not None: teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        set_capturable_(optimizer, capturable)  # whichever step mode saved the checkpoint
         if scaler is not None and ckpt.get("scaler"): scaler.load_state_dict(ckpt["scaler"])
         restore_rng_states(ckpt["rng"], {"train": generator})
         start, evals, seconds = ckpt["iteration"], list(ckpt.get("evals", [])), float(ckpt.get("seconds", 0.0))
@@ -273,6 +279,8 @@ def train(cfg: TrainConfig, # the run
                         generator=make_generator(cfg.seed, "loader"), worker_init_fn=_ignore_interrupts)
     runlog = RunLog(out, start, cfg.tensorboard) if main else None
     dcfg, t0, amp_dtype = narrow(DACSConfig, cfg), time.time(), autocast_dtype(cfg.precision, device)
+    replay = None if cfg.step_mode == "eager" else ReplayStep(student, teacher, imnet, optimizer, dcfg, amp_dtype, scaler,
+                                                              graph=cfg.step_mode == "graph")
     latest = out / "checkpoints" / "latest.pth"
     from tqdm import tqdm  # plain text: tqdm.auto warns in kernels without ipywidgets
     bar = tqdm(total=cfg.iters, initial=start, disable=not (cfg.progress and main), desc=cfg.experiment, mininterval=2)
@@ -289,8 +297,9 @@ def train(cfg: TrainConfig, # the run
         for t, batch in zip(range(start, stop), loader):
             batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, power=cfg.poly_power)
-            pending.append((t, average_logs(dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg,
-                                                      amp_dtype, scaler).logs)))
+            if replay is not None: out_t = replay(batch, t, generator)
+            else: out_t = dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler)
+            pending.append((t, average_logs(out_t.logs)))
             bar.update(1)
             done = t + 1
             log_due = done % cfg.log_every == 0 or done == stop

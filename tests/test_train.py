@@ -372,3 +372,22 @@ def test_sigterm_to_the_process_group_ends_with_a_checkpoint(synth, tmp_path):
     assert "stopped by SIGTERM after iteration" in err and "Traceback" not in err
     done = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pth")["iteration"]
     assert 3 <= done < 400
+
+
+def test_replay_step_mode_trains_the_same_run_and_resumes_across_modes(synth, straight, tmp_path):
+    "step_mode=replay (draws made first, the step on fixed buffers) for 3 iterations, then eager for 3: the 6 straight eager ones, bit for bit."
+    cfg, _ = straight
+    split = config(synth, tmp_path, iters=6, step_mode="replay")
+    train(split, resume=False, stop_after=3)
+    assert torch.is_tensor(latest_of(split)["optimizer"]["param_groups"][0]["lr"])  # the replayed step reads a device lr
+    assert train(dataclasses.replace(split, step_mode="eager"))["finished"]  # a run-only option: no config change
+    for part in ("student", "teacher", "optimizer"):
+        assert tensors_equal(latest_of(cfg)[part], latest_of(split)[part]), part
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(read_log(split.out_dir)) == strip(read_log(cfg.out_dir))
+
+
+def test_graph_step_mode_needs_one_cuda_device(synth, tmp_path):
+    with pytest.raises(ConfigError, match="step_mode=graph needs one CUDA device"):
+        train(config(synth, tmp_path, iters=2, device="cpu", step_mode="graph"), resume=False)
+    assert not (tmp_path / "checkpoints").exists()

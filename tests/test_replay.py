@@ -1,0 +1,87 @@
+"""The replayed training step (every draw made first, fixed buffers; on CUDA a captured graph) against the eager step:
+the same weights, teacher, logs and random stream, for every kind of model and self-training setting."""
+import pytest
+import torch
+
+from hrda.core import make_generator
+from hrda.dacs import DACSConfig, dacs_step, read_logs
+from hrda.optim import build_optimizer, set_lr_
+from hrda.replay import ReplayStep, draw_step
+from hrda.segmentor import tiny_segmentor
+
+CUDA = torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def batch(seed: int, size: int = 128, n_classes: int = 4, device: str = "cpu") -> dict:
+    "Two source and two target images with blocky labels, and the label values the training loader would list."
+    g = make_generator(seed)
+    gt = torch.randint(0, n_classes, (2, 2, 2), generator=g).repeat_interleave(size // 2, 1).repeat_interleave(size // 2, 2)
+    gt[:, :4] = 255  # some ignored pixels, as real labels have
+    out = dict(img=torch.randn(2, 3, size, size, generator=g), gt=gt, target_img=torch.randn(2, 3, size, size, generator=g),
+               valid_pseudo_mask=torch.ones(2, size, size), source_classes=torch.unique(gt).tolist())
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def run(mode: str, cfg: DACSConfig, model_kw: dict, iters: int = 3, amp_dtype=None, fd: bool = False, device: str = "cpu"):
+    "(student, teacher, logs, generator) after `iters` iterations: eager, replayed, or replayed as a CUDA graph."
+    torch.manual_seed(0)  # dropout and DropPath
+    if device == "cuda": torch.cuda.manual_seed(0)
+    student = tiny_segmentor(0, **model_kw).to(device)
+    teacher = tiny_segmentor(1, **model_kw).to(device).requires_grad_(False)
+    imnet = tiny_segmentor(2, **model_kw).to(device).requires_grad_(False).eval() if fd else None
+    opt, g = build_optimizer(student, 1e-3, capturable=mode != "eager"), make_generator(0, "train")
+    step = ReplayStep(student, teacher, imnet, opt, cfg, amp_dtype, graph=mode == "graph", warmup=1)
+    logs = []
+    for t in range(iters):
+        set_lr_(opt, t, 1e-3, max_iters=10, warmup_iters=2)
+        b = batch(t, device=device)
+        out = dacs_step(student, teacher, imnet, opt, b, t, g, cfg, amp_dtype) if mode == "eager" else step(b, t, g)
+        logs.append(out.logs)
+    return student, teacher, read_logs(logs), g
+
+
+CASES = {  # name: (DACSConfig options, model options, autocast dtype, FD model)
+    "hrda": (dict(fd_lambda=0), {}, None, False),
+    "hrda_fd": (dict(fd_lambda=0.005, fd_classes=(1, 2)), {}, None, True),
+    "hrda_mic": (dict(fd_lambda=0, mic_lambda=1.0, mic_block_size=32), {}, None, False),
+    "hrda_mic_separate": (dict(fd_lambda=0, mic_lambda=1.0, mic_block_size=32, mic_mode="separate"), {}, None, False),
+    "daformer": (dict(fd_lambda=0), dict(single_scale=0.5), None, False),
+    "source_only": (dict(fd_lambda=0, self_training=False), {}, None, False),
+    "hrda_bf16": (dict(fd_lambda=0), {}, torch.bfloat16, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replayed_step_equals_eager_step_bit_for_bit(case):
+    opts, model_kw, amp_dtype, fd = CASES[case]
+    cfg = DACSConfig(num_classes=4, **opts)
+    eager, replayed = (run(mode, cfg, model_kw, amp_dtype=amp_dtype, fd=fd) for mode in ("eager", "replay"))
+    for part in (0, 1):
+        for (name, a), b in zip(eager[part].state_dict().items(), replayed[part].state_dict().values()):
+            assert torch.equal(a, b), f"{case}: {'student' if part == 0 else 'teacher'} {name} differs"
+    assert eager[2] == replayed[2], case  # every logged value
+    assert torch.equal(eager[3].get_state(), replayed[3].get_state())  # the random stream is where the eager step leaves it
+    if "mic" in case: assert "masked.decode.loss_seg" in replayed[2][-1]
+
+
+def test_draws_follow_the_steps_random_stream():
+    "The draws use the generator exactly as the eager step does, so a run can switch modes at any iteration."
+    cfg, model = DACSConfig(num_classes=4, fd_lambda=0, mic_lambda=1.0, mic_block_size=32), tiny_segmentor(0)
+    g1, g2 = make_generator(3), make_generator(3)
+    draw_step(model, batch(0), 4, g1, cfg)
+    dacs_step(model, tiny_segmentor(1).requires_grad_(False), None, build_optimizer(model), batch(0), 4, g2, cfg)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_cuda_graph_step_equals_eager_step(amp_dtype):
+    "The captured graph, replayed, trains like the eager step (the same kernels; float tolerance for the scheduler's choices)."
+    cfg = DACSConfig(num_classes=4, fd_lambda=0, mic_lambda=1.0, mic_block_size=32)
+    eager, graphed = (run(mode, cfg, {}, iters=4, amp_dtype=amp_dtype, device="cuda") for mode in ("eager", "graph"))
+    for a, b in zip([*eager[0].state_dict().values(), *eager[1].state_dict().values()],
+                    [*graphed[0].state_dict().values(), *graphed[1].state_dict().values()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for row_e, row_g in zip(eager[2], graphed[2]):
+        assert row_e.keys() == row_g.keys()
+        assert all(abs(row_e[k] - row_g[k]) <= 1e-4 * max(1.0, abs(row_e[k])) for k in row_e), (row_e, row_g)
