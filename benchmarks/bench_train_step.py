@@ -35,6 +35,7 @@ from hrda.core import autocast_dtype, get_device, make_generator  # noqa: E402
 from hrda.files import write_json, write_text  # noqa: E402
 from hrda.dacs import DACSConfig, dacs_step, hold_in_dtype_  # noqa: E402
 from hrda.optim import build_optimizer  # noqa: E402
+from hrda.replay import ReplayStep  # noqa: E402
 from hrda.segmentor import SegmentorConfig, build_segmentor  # noqa: E402
 
 
@@ -89,8 +90,9 @@ def start_variant(device: torch.device, cudnn_benchmark: bool, layout: str) -> N
 
 
 def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: bool = False,
-              checkpointing: bool = False) -> tuple:
-    "(step(t), student): one `dacs_step` at iteration t on a fixed random batch, with fresh models and optimiser."
+              checkpointing: bool = False, step_mode: str = "eager") -> tuple:
+    """(step(t), student): one `dacs_step` at iteration t on a fixed random batch, with fresh models and optimiser;
+    step_mode 'replay' or 'graph' runs it as `hrda.replay.ReplayStep` (then `step.replay` is that object)."""
     amp = autocast_dtype(precision, device)
     if device.type == "cuda" and precision != "tf32":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -106,21 +108,29 @@ def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: b
     if compile:
         for m in (student, teacher) + ((imnet,) if imnet is not None else ()):
             compile_regions(m)
-    optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay, capturable=step_mode != "eager")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     g = make_generator(0)
     dcfg = narrow(DACSConfig, cfg)
     batch = random_batch(cfg, device, make_generator(0, "batch"))
-    step = lambda t: dacs_step(student, teacher, imnet, optimizer, batch, t, g, dcfg, amp, scaler)
+    if step_mode == "eager":
+        return (lambda t: dacs_step(student, teacher, imnet, optimizer, batch, t, g, dcfg, amp, scaler)), student
+    replay = ReplayStep(student, teacher, imnet, optimizer, dcfg, amp, scaler, graph=step_mode == "graph", warmup=GRAPH_WARMUP)
+    step = lambda t: replay(batch, t, g)
+    step.replay = replay
     return step, student
+
+
+GRAPH_WARMUP = 2  # eager iterations of a graph step before its capture (the capture is the next one)
 
 
 def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile: bool, iters: int, warmup: int,
                 count_flops: bool, profile: bool = False, checkpointing: bool = False, cudnn_benchmark: bool = False,
-                layout: str = "") -> dict:
+                layout: str = "", step_mode: str = "eager") -> dict:
     "Seconds per iteration, images per second, peak memory and FLOPs of `dacs_step` under `precision`."
     start_variant(device, cudnn_benchmark, layout)
-    step, student = make_step(cfg, device, precision, compile, checkpointing)
+    step, student = make_step(cfg, device, precision, compile, checkpointing, step_mode)
+    if step_mode == "graph": warmup, count_flops = max(warmup, GRAPH_WARMUP + 1), False  # timed: replays only
     t0 = time.perf_counter()
     for t in range(warmup):
         step(t)
@@ -140,7 +150,7 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
         flops = counter.get_total_flops()
     table, busy = profile_table(lambda: step(warmup + iters + 1), device) if profile else (None, {})
     params = sum(p.numel() for p in student.parameters())
-    return {"profile": table, **busy, "precision": precision, "compile": compile, "checkpointing": checkpointing,
+    return {"profile": table, **busy, "precision": precision, "step_mode": step_mode, "compile": compile, "checkpointing": checkpointing,
             "cudnn_benchmark": cudnn_benchmark, "layout_experiment": layout, "s_per_iter": round(s_iter, 4),
             "images_per_s": round(2 * cfg.batch_size / s_iter, 2), "peak_mem_mb": round(peak, 1),
             "warmup_s": round(warm_s, 2), "tflop_per_iter": None if flops is None else round(flops / 1e12, 3),
@@ -197,11 +207,11 @@ def markdown(result: dict) -> str:
     lines = [f"# HRDA speed and memory on {result['device_name']}", "",
              f"torch {result['torch']}, python {result['python']}; settings: {result['settings']}", "",
              f"Command: `{result['command']}`", "",
-             "| precision | compile | checkpointing | cudnn benchmark | layout experiment | s / iteration | images / s | peak memory (MB) "
+             "| precision | step | compile | checkpointing | cudnn benchmark | layout experiment | s / iteration | images / s | peak memory (MB) "
              "| TFLOP / iteration | achieved TFLOP/s | GPU busy (ms) | operators |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["train"]:
-        lines.append(f"| {r['precision']} | {r['compile']} | {r['checkpointing']} | {r.get('cudnn_benchmark', False)} "
+        lines.append(f"| {r['precision']} | {r.get('step_mode', 'eager')} | {r['compile']} | {r['checkpointing']} | {r.get('cudnn_benchmark', False)} "
                      f"| {r.get('layout_experiment') or '-'} | {r['s_per_iter']} | {r['images_per_s']} | {r['peak_mem_mb']} | {r['tflop_per_iter']} "
                      f"| {r['achieved_tflops']} | {r.get('gpu_busy_ms', '')} | {r.get('profiled_ops', '')} |")
     lines += ["", "| precision | compile | cudnn benchmark | layout experiment | image size | s / image | peak memory (MB) | GPU busy (ms) |",
@@ -219,19 +229,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, bool, bool, bool, str]]:
-    """(precision, compile, checkpointing, cudnn benchmark, layout experiment) to measure: `--variants` as written, else
-    every combination of the flags."""
+def variants(args: argparse.Namespace) -> list[tuple[str, bool, bool, bool, str, str]]:
+    """(precision, compile, checkpointing, cudnn benchmark, layout experiment, step mode) to measure: `--variants` as
+    written, else every combination of the flags."""
     if args.variants:
         out = []
         for v in args.variants:
             precision, *flags = v.split("+")
-            if precision not in ("fp32", "tf32", "bf16", "fp16") or set(flags) - {"compile", "ckpt", "cudnn", "nchw"}:
-                raise SystemExit(f"unknown variant {v!r}: write PRECISION[+compile][+ckpt][+cudnn][+nchw], e.g. bf16+compile")
+            if precision not in ("fp32", "tf32", "bf16", "fp16") or set(flags) - {"compile", "ckpt", "cudnn", "nchw", "replay", "graph"}:
+                raise SystemExit(f"unknown variant {v!r}: write PRECISION[+compile][+ckpt][+cudnn][+nchw][+replay|+graph], e.g. bf16+graph")
             layout = "dwconv" if "nchw" in flags else ""
-            out.append((precision, "compile" in flags, "ckpt" in flags, "cudnn" in flags, layout))
+            mode = "graph" if "graph" in flags else "replay" if "replay" in flags else "eager"
+            out.append((precision, "compile" in flags, "ckpt" in flags, "cudnn" in flags, layout, mode))
         return out
-    return [(p, c, k, False, "") for p in args.precision for c in ([False, True] if args.compile else [False])
+    return [(p, c, k, False, "", "eager") for p in args.precision for c in ([False, True] if args.compile else [False])
             for k in ([False, True] if args.checkpointing else [False])]
 
 
@@ -253,10 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more iteration)")
     p.add_argument("--checkpointing", action="store_true", help="also measure with activation checkpointing (MiT)")
     p.add_argument("--profile", action="store_true", help="add the profiler's table of the top operators/kernels")
-    p.add_argument("--variants", nargs="+", metavar="PRECISION[+compile][+ckpt][+cudnn][+nchw]",
-                   help="measure exactly these, e.g. fp32 bf16 bf16+ckpt bf16+compile bf16+cudnn (instead of the flags "
-                        "above; cudnn: torch.backends.cudnn.benchmark, which picks convolution kernels by timing them; nchw: "
-                        "the experiment of Mix-FFN's depthwise conv on a contiguous copy of its input)")
+    p.add_argument("--variants", nargs="+", metavar="PRECISION[+compile][+ckpt][+cudnn][+nchw][+replay|+graph]",
+                   help="measure exactly these, e.g. fp32 bf16 bf16+ckpt bf16+compile bf16+cudnn bf16+graph (instead of the "
+                        "flags above; cudnn: torch.backends.cudnn.benchmark, which picks convolution kernels by timing them; nchw: "
+                        "the experiment of Mix-FFN's depthwise conv on a contiguous copy of its input; replay / graph: the "
+                        "step with its draws made first, eagerly or captured as a CUDA graph)")
     p.add_argument("--no-inference", action="store_true", help="skip the test-time inference timing")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (default: the paper's)")
     p.add_argument("--out", default=str(ROOT / "reports" / "perf"), help="folder for bench_<device>.json/.md")
@@ -270,9 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
               "train": [], "inference": []}
     out, tag = Path(args.out), device.type
     counted = False
-    for precision, compile, ckpt, cudnn, layout in variants(args):
+    for precision, compile, ckpt, cudnn, layout, mode in variants(args):
         r = bench_train(cfg, device, precision, compile, args.iters, args.warmup,
-                        not (args.no_flops or compile or counted), args.profile, ckpt, cudnn, layout)  # FLOPs: once, eager
+                        not (args.no_flops or compile or counted), args.profile, ckpt, cudnn, layout, mode)  # FLOPs: once, eager
         counted = counted or r["tflop_per_iter"] is not None
         print({k: v for k, v in r.items() if k != "profile"}, flush=True)
         result["train"].append(r)

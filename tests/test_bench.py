@@ -23,8 +23,17 @@ def test_train_step_benchmark_writes_its_report(tmp_path):
     assert train["s_per_iter"] > 0 and train["images_per_s"] > 0 and train["tflop_per_iter"] > 0
     assert infer["size"] == [64, 128] and infer["s_per_image"] > 0
     md = (tmp_path / "bench_cpu.md").read_text()
-    assert "| fp32 | False | False | False | - |" in md and "Where the time goes" in md and "aten::" in train["profile"]
+    assert "| fp32 | eager | False | False | False | - |" in md and "Where the time goes" in md and "aten::" in train["profile"]
     assert result["train"][0]["student_params"] == train["student_params"]
+
+
+def test_train_step_benchmark_measures_the_replayed_step(tmp_path):
+    result = bench_train_step.main(["--device", "cpu", "--iters", "1", "--warmup", "1", "--no-flops", "--no-inference",
+                                    "--variants", "fp32+replay", "--out", str(tmp_path), "--set", *TINY])
+    assert result["train"][0]["step_mode"] == "replay" and result["train"][0]["s_per_iter"] > 0
+    assert "| fp32 | replay | False |" in (tmp_path / "bench_cpu.md").read_text()
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench_train_step.main(["--device", "cpu", "--variants", "fp32+graph+replay+x", "--out", str(tmp_path)])
 
 
 def test_train_step_benchmark_measures_activation_checkpointing(tmp_path):
@@ -33,7 +42,7 @@ def test_train_step_benchmark_measures_activation_checkpointing(tmp_path):
     result = bench_train_step.main(["--device", "cpu", "--iters", "1", "--warmup", "0", "--no-flops", "--checkpointing",
                                     "--infer-size", "64", "64", "--infer-repeats", "1", "--out", str(tmp_path), "--set", *mit])
     assert [r["checkpointing"] for r in result["train"]] == [False, True]
-    assert "| fp32 | False | True | False | - |" in (tmp_path / "bench_cpu.md").read_text()
+    assert "| fp32 | eager | False | True | False | - |" in (tmp_path / "bench_cpu.md").read_text()
 
 
 def test_train_step_benchmark_measures_named_variants_and_rejects_unknown_ones(tmp_path):
@@ -78,3 +87,17 @@ def test_operator_counter_finds_the_host_reads_it_is_told_of(monkeypatch):
         return out
     monkeypatch.setattr(hrda.dacs, "pseudo_label", reads_more)
     assert count_ops.main(cfg_args)["host_reads"] == base["host_reads"] + 5
+
+
+def test_replayed_steps_device_part_reads_nothing_back(monkeypatch):
+    "With the draws made first, the part of the step a CUDA graph records reads no value back and has only fixed shapes."
+    import count_ops
+    import hrda.dacs
+    cfg_args = ["--crop", "64", "--step-mode", "replay", "--set",
+                *[a for a in TINY if not a.startswith(("crop_size", "hr_crop_size"))], "mic_lambda=1.0", "mic_block_size=16"]
+    out = count_ops.main(cfg_args)
+    assert out["step"]["operators"] > 1000 and out["step"].get("host reads", 0) == 0
+    assert out["step"].get("data-dependent shapes", 0) == 0
+    real = hrda.dacs.pseudo_label
+    monkeypatch.setattr(hrda.dacs, "pseudo_label", lambda *a, **k: (lambda out: (out[0].sum().item(), out)[1])(real(*a, **k)))
+    assert count_ops.main(cfg_args)["step"]["host reads"] == 1  # a planted read inside the step is seen there
