@@ -234,9 +234,10 @@ def train(cfg: TrainConfig, # the run
     device = resolve_device(cfg.device)
     if cfg.threads: torch.set_num_threads(cfg.threads)
     rank, world = init_distributed(device)
-    if cfg.step_mode == "graph" and (device.type != "cuda" or world > 1 or cfg.precision == "fp16"):
-        raise ConfigError(f"step_mode=graph needs one CUDA device and fp32, tf32 or bf16 (here {device.type}, {world} "
-                          f"process(es), {cfg.precision}); use step_mode=replay or eager")
+    if cfg.step_mode == "graph" and (device.type != "cuda" or world > 1 or cfg.precision == "fp16"
+                                     or cfg.backbone_kwargs.get("grad_checkpoint")):
+        raise ConfigError(f"step_mode=graph needs one CUDA device, fp32, tf32 or bf16 and no activation checkpointing "
+                          f"(here {device.type}, {world} process(es), {cfg.precision}); use step_mode=replay or eager")
     main, out = rank == 0, run_dir(cfg)
     ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
     changes = list((ckpt or {}).get("config_changes", [])) + changed  # every allowed change of the run, oldest first
