@@ -98,11 +98,12 @@ def set_lr_(optimizer: torch.optim.Optimizer, # groups made by `param_groups` (e
             min_lr: float = 0.0,
            ) -> float:
     "Set every group's lr for iteration `t` (stateless, so resuming needs no scheduler state); return group 0's lr."
-    for g in optimizer.param_groups:
-        lr = lr_at(t, base_lr * g.get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr)
+    lrs = [lr_at(t, base_lr * g.get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr)
+           for g in optimizer.param_groups]
+    for g, lr in zip(optimizer.param_groups, lrs):
         if isinstance(g["lr"], torch.Tensor): g["lr"].fill_(lr)  # in place: a captured step reads this tensor
         else: g["lr"] = lr
-    return lr_at(t, base_lr * optimizer.param_groups[0].get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr)
+    return lrs[0]
 
 def poly_warmup_scheduler(optimizer: torch.optim.Optimizer, # its groups' current lr are the bases
                           max_iters: int = 40000, # see `lr_at`

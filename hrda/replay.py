@@ -37,7 +37,9 @@ def draw_step(student: nn.Module, # the segmentor being trained (its `draw_box` 
 
     def box(key):
         drawn = model.draw_box(hw, generator)
-        if drawn is not None: draws[key] = torch.tensor([drawn[0], drawn[2]]) if _whole_cells(model, drawn) else None
+        if drawn is None: return
+        _check_whole_cells(model, drawn)
+        draws[key] = torch.tensor([drawn[0], drawn[2]])
     box("src_box")
     if not cfg.self_training: return draws
     if batch.get("source_classes") is None:
@@ -57,14 +59,13 @@ def draw_step(student: nn.Module, # the segmentor being trained (its `draw_box` 
 def _prefix(prefix: str, d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {prefix + k: v for k, v in d.items()}
 
-def _whole_cells(model: nn.Module, box: tuple[int, int, int, int]) -> bool:
-    "True, or an error when the box's LR-map cells would not be whole (a `TensorBox` scales offsets and size apart)."
+def _check_whole_cells(model: nn.Module, box: tuple[int, int, int, int]) -> None:
+    "An error when the box's LR-map cells would not be whole (a `TensorBox` scales offsets and size apart)."
     f = model.lr_scale / model.hr_scale / model.output_stride
     scaled, size = scale_box(box, f, exact=False), scale_box((0, box[1] - box[0], 0, box[3] - box[2]), f, exact=False)
     if box_hw(scaled) != box_hw(size):
         raise ValueError(f"the detail box {box} does not map to whole cells of the LR logit map (factor {f}); a step with "
                          f"its draws made first needs crop_coord_divisible to be a multiple of {round(1 / f)}")
-    return True
 
 # %% ../nbs/05e_replay.ipynb #6d2a079b
 DrawLayout = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # (key, shape, dtype) of every draw, in order
@@ -98,8 +99,8 @@ class ReplayStep:
                 ):
         self.student, self.teacher, self.imnet, self.optimizer = student, teacher, imnet, optimizer
         self.cfg, self.amp_dtype, self.scaler, self.graph, self.warmup = cfg or DACSConfig(), amp_dtype, scaler, graph, warmup
+        self.device = device = next(student.parameters()).device
         if graph:
-            device = next(student.parameters()).device
             if device.type != "cuda": raise ValueError(f"a CUDA graph needs the model on a CUDA device, not {device}; use graph=False")
             if amp_dtype == torch.float16 or scaler is not None: raise ValueError("a CUDA graph cannot run fp16's loss scaler; use bf16 or fp32")
             if isinstance(student, nn.parallel.DistributedDataParallel):
@@ -116,10 +117,9 @@ class ReplayStep:
         "Copy the batch and the packed draws into the fixed buffers (made at the first call)."
         flat, layout = pack_draws(draws)
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        device = next(self.student.parameters()).device
         if self.inputs is None:
-            self.inputs = {k: torch.empty_like(v, device=device) for k, v in tensors.items()}
-            self.flat, self.layout = torch.empty_like(flat, device=device), layout
+            self.inputs = {k: torch.empty_like(v, device=self.device) for k, v in tensors.items()}
+            self.flat, self.layout = torch.empty_like(flat, device=self.device), layout
         shapes = lambda d: {k: (tuple(v.shape), v.dtype) for k, v in d.items()}
         if shapes(tensors) != shapes(self.inputs) or layout != self.layout:
             diff = sorted(set(shapes(tensors).items()) ^ set(shapes(self.inputs).items())) or "the draws"
