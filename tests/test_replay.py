@@ -73,18 +73,59 @@ def test_draws_follow_the_steps_random_stream():
     assert torch.equal(g1.get_state(), g2.get_state())
 
 
+def flat_weights(*models: torch.nn.Module) -> torch.Tensor:
+    "Every parameter of the models as one float32 vector."
+    return torch.cat([p.detach().float().flatten() for m in models for p in m.parameters()])
+
+
+def shadowed_run(device: str, graph: bool, amp_dtype=None, iters: int = 4) -> list[tuple[float, float]]:
+    """A replayed run in which, before each iteration, a copy of its state (student, teacher, optimiser, both random
+    streams) takes the same iteration eagerly: per iteration, how far apart the losses are (relative) and how far apart
+    the weight updates are (relative to the eager update's size)."""
+    import copy
+    cfg = DACSConfig(num_classes=4, fd_lambda=0, mic_lambda=1.0, mic_block_size=32)
+    cuda = device == "cuda"
+    get_rng, set_rng = (torch.cuda.get_rng_state, torch.cuda.set_rng_state) if cuda else (torch.get_rng_state, torch.set_rng_state)
+    torch.manual_seed(0)
+    student, teacher = tiny_segmentor(0).to(device), tiny_segmentor(1).to(device).requires_grad_(False)
+    opt, g = build_optimizer(student, 1e-3, capturable=True), make_generator(0, "train")
+    step = ReplayStep(student, teacher, None, opt, cfg, amp_dtype, graph=graph, warmup=1)
+    gaps = []
+    for t in range(iters):
+        set_lr_(opt, t, 1e-3, max_iters=10, warmup_iters=2)
+        b = batch(t, device=device)
+        s2, t2 = copy.deepcopy(student), copy.deepcopy(teacher)
+        opt2 = build_optimizer(s2, 1e-3, capturable=True)
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # loading alone would share the moment tensors
+        g2, rng, before = make_generator(0, "train"), get_rng(), flat_weights(student, teacher)
+        g2.set_state(g.get_state())
+        replayed_logs = read_logs([step(b, t, g).logs])[0]
+        set_rng(rng)  # dropout draws the same masks again
+        eager_logs = read_logs([dacs_step(s2, t2, None, opt2, b, t, g2, cfg, amp_dtype).logs])[0]
+        assert replayed_logs.keys() == eager_logs.keys()
+        assert torch.equal(g.get_state(), g2.get_state())  # the host stream advanced the same
+        update_r, update_e = flat_weights(student, teacher) - before, flat_weights(s2, t2) - before
+        gaps.append((max(abs(replayed_logs[k] - eager_logs[k]) / max(1.0, abs(eager_logs[k])) for k in eager_logs),
+                     ((update_r - update_e).norm() / update_e.norm()).item()))
+    return gaps
+
+
+def test_shadowed_replay_matches_each_eager_iteration_exactly():
+    "The check the CUDA graph test makes, on the CPU with the replayed step: every iteration equals its eager copy's."
+    assert shadowed_run("cpu", graph=False) == [(0.0, 0.0)] * 4
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 def test_cuda_graph_step_equals_eager_step(amp_dtype):
-    "The captured graph, replayed, trains like the eager step (the same kernels; float tolerance for the scheduler's choices)."
-    cfg = DACSConfig(num_classes=4, fd_lambda=0, mic_lambda=1.0, mic_block_size=32)
-    eager, graphed = (run(mode, cfg, {}, iters=4, amp_dtype=amp_dtype, device="cuda") for mode in ("eager", "graph"))
-    for a, b in zip([*eager[0].state_dict().values(), *eager[1].state_dict().values()],
-                    [*graphed[0].state_dict().values(), *graphed[1].state_dict().values()]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    for row_e, row_g in zip(eager[2], graphed[2]):
-        assert row_e.keys() == row_g.keys()
-        assert all(abs(row_e[k] - row_g[k]) <= 1e-4 * max(1.0, abs(row_e[k])) for k in row_e), (row_e, row_g)
+    """The captured graph, replayed, computes the eager step: at each iteration (0: the eager warm-up on a side stream,
+    1: the capture and first replay, 2-3: replays) its losses agree with an eager copy's to rounding (the forward pass is
+    deterministic on CUDA) and its weight update within 1 % of the update's size (the backward's atomic adds make the
+    update irreproducible on CUDA, eager or not, and AdamW divides by the gradient's size)."""
+    gaps = shadowed_run("cuda", graph=True, amp_dtype=amp_dtype)
+    print(f"\n{amp_dtype}: per iteration, (losses, updates) apart: " + ", ".join(f"({a:.3g}, {b:.3g})" for a, b in gaps))
+    rounding = 1e-5 if amp_dtype is None else 1e-3
+    assert all(loss_gap <= rounding and update_gap <= 0.01 for loss_gap, update_gap in gaps), gaps
 
 
 def test_replayed_step_of_a_ddp_student_equals_the_eager_one():
