@@ -216,6 +216,7 @@ class SegDataset(Dataset):
                  seed: int = 0, # the seed of `__getitem__`
                  cache: bool = False, # keep decoded images and labels in memory (per process): small datasets only
                  num_classes: int | None = None, # source: label values outside 0..C-1 and 255 are an error (None: unchecked)
+                 labels: bool | None = None, # read the labels (None: a source's yes, a target's never: UDA trains without them)
                 ):
         if role not in ("source", "target"): raise ValueError(f"role must be 'source' or 'target', got {role!r}")
         self.root, self.dataset, self.split, self.role, self.seed = Path(root), dataset, split, role, seed
@@ -224,7 +225,9 @@ class SegDataset(Dataset):
         self.pipeline = pipeline or hrda_pipeline(dataset, role)
         if role == "target" and self.pipeline.cat_max_ratio < 1:
             raise ValueError("cat_max_ratio < 1 would crop target images by their labels, which UDA must not read; use 1.0")
+        self.labels = role == "source" if labels is None else labels
         self.files = find_samples(root, dataset, split, labels=role == "source")  # a target may be unlabelled
+        if not self.labels: self.files = [(img, None) for img, _ in self.files]  # never opened, so never in a batch
 
     def __len__(self) -> int: return len(self.files)
 
@@ -234,7 +237,7 @@ class SegDataset(Dataset):
         img_path, label_path = self.files[i]
         img, label = self.read(i)
         s = train_transform(img, label, self.pipeline, generator, crop_uses_labels=self.role == "source")
-        s["meta"].update(img_path=img_path, label_path=label_path, index=i)
+        s["meta"].update(img_path=img_path, index=i, **({"label_path": label_path} if label_path else {}))  # none unread
         if self.role == "source": del s["valid_pseudo_mask"]
         return s
 
@@ -332,7 +335,8 @@ class UDADataset(Dataset):
         out = {}
         if self.target is not None:
             t = self.target.load(int(torch.randint(len(self.target), (1,), generator=g)), g)
-            out = dict(target_img=t["img"], target_gt=t["gt"], valid_pseudo_mask=t["valid_pseudo_mask"], target_meta=t["meta"])
+            out = dict(target_img=t["img"], valid_pseudo_mask=t["valid_pseudo_mask"], target_meta=t["meta"])
+            if self.target.labels: out["target_gt"] = t["gt"]  # only where a mode asks for target labels
         if self.sampler is None:
             c, k = -1, int(torch.randint(len(self.source), (1,), generator=g))
             s = self.source.load(k, g)

@@ -545,7 +545,12 @@ def test_uda_pairs_deterministic_and_worker_independent(gta_root, tmp_path):
     rcs = RCSConfig(temperature=0.5, min_pixels=30, min_crop_ratio=0.5)
     uda = UDADataset(src, tgt, rcs, seed=5)
     item = uda[3]
-    assert set(item) == {"img", "gt", "meta", "target_img", "target_gt", "valid_pseudo_mask", "target_meta"}
+    assert set(item) == {"img", "gt", "meta", "target_img", "valid_pseudo_mask", "target_meta"}  # no target labels
+    assert "label_path" not in item["target_meta"]
+    oracle = UDADataset(src, SegDataset(cs, "cityscapes", pipeline=PipelineConfig((32, 16), (16, 16), pseudo_margins=(1, 3, 1, 1)),
+                                        role="target", labels=True), rcs, seed=5)[3]  # a mode that asks for them
+    assert oracle["target_gt"].shape == (16, 16) and (oracle["target_gt"] != 255).any()
+    assert torch.equal(oracle["target_img"], item["target_img"])  # reading the labels changes no draw
     assert item["valid_pseudo_mask"].shape == (16, 16) and item["target_img"].shape == (3, 16, 16)
     again = UDADataset(src, tgt, rcs, seed=5)[3]
     assert all(torch.equal(item[k], again[k]) for k in ("img", "gt", "target_img", "valid_pseudo_mask"))

@@ -391,3 +391,28 @@ def test_graph_step_mode_needs_one_cuda_device(synth, tmp_path):
     with pytest.raises(ConfigError, match="step_mode=graph needs one CUDA device"):
         train(config(synth, tmp_path, iters=2, device="cpu", step_mode="graph"), resume=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_training_never_reads_the_target_labels(synth, straight, tmp_path):
+    """The target's train labels scrambled on disk (noise with out-of-range values, or bytes that are no image, which a
+    reader would fail on): the same 6 iterations, bit for bit; no training batch holds a target label."""
+    import shutil
+    import numpy as np
+    from PIL import Image
+    copy_root = tmp_path / "synth"
+    shutil.copytree(synth, copy_root)
+    labels = sorted((copy_root / "target" / "gtFine" / "train").rglob("*.png"))
+    assert labels, "the fixture has no target train labels to scramble"
+    rng = np.random.default_rng(0)
+    for i, p in enumerate(labels):
+        if i % 2: p.write_bytes(b"not a label")
+        else: Image.fromarray(rng.integers(0, 256, np.asarray(Image.open(p)).shape, dtype=np.uint8)).save(p)
+    cfg, _ = straight
+    scrambled = config(copy_root, tmp_path / "run", iters=6)
+    pairs, _ = hrda.train.build_datasets(scrambled)
+    assert not any("target_gt" in pairs[i] for i in range(4))
+    train(scrambled, resume=False)
+    for part in ("student", "teacher", "optimizer"):
+        assert tensors_equal(latest_of(cfg)[part], latest_of(scrambled)[part]), part
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(read_log(scrambled.out_dir)) == strip(read_log(cfg.out_dir))
