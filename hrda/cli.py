@@ -16,7 +16,7 @@ from .core import ConfigError
 
 # %% auto #0
 __all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'USAGE_ERRORS', 'parse_scale', 'count', 'build_parser',
-           'cmd_evaluate', 'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'main']
+           'cmd_evaluate', 'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'cmd_ablations', 'main']
 
 # %% ../nbs/09_cli.ipynb #81a28ab9
 DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom", "acdc", "darkzurich")  # kinds `hrda prepare` converts
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("prepare", "convert a downloaded dataset's labels: hrda prepare {gta,synthia,cityscapes,custom} ROOT"),
                        ("synth", "write the synthetic benchmark: hrda synth OUT_DIR [--n-source N ...]"),
                        ("train", "train a model: hrda train --config experiments/<name>.yaml [--set key=value ...]"),
-                       ("demo", "source-only, DAFormer and HRDA on the synthetic benchmark: hrda demo [--seeds 0 1 2]")):
+                       ("demo", "source-only, DAFormer and HRDA on the synthetic benchmark: hrda demo [--seeds 0 1 2]"),
+                       ("ablations", "the design ablations of the synthetic benchmark: hrda ablations [--only ID ...]")):
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     ev = sub.add_parser("evaluate", help="mIoU and per-class IoU of a checkpoint, written to <run>/eval/",
                         description="Evaluate a checkpoint on a prepared validation set (whole-set mIoU).", epilog=EVALUATE_EPILOG,
@@ -182,8 +183,13 @@ def cmd_demo(argv: list[str]) -> int:
     from hrda.demo import demo_cli
     return demo_cli(argv)
 
+def cmd_ablations(argv: list[str]) -> int:
+    "`hrda.ablations.ablations_cli` with these arguments: the design ablations of the synthetic benchmark."
+    from hrda.ablations import ablations_cli
+    return ablations_cli(argv)
+
 DELEGATED: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "synth": cmd_synth, "prepare": cmd_prepare,
-                                                    "demo": cmd_demo}
+                                                    "demo": cmd_demo, "ablations": cmd_ablations}
 
 # %% ../nbs/09_cli.ipynb #86d9851e
 USER_ERRORS = (ValueError, OSError, FloatingPointError)  # config, checkpoint, data and file errors; NaN losses
