@@ -22,8 +22,8 @@ from .core import CLASSES, IGNORE_INDEX
 
 # %% auto #0
 __all__ = ['repo_root', 'portable_path', 'resolve_path', 'portable_record', 'atomic_write', 'write_text', 'write_json',
-           'write_yaml', 'save_torch', 'check_writable_dir', 'ImageReadError', 'read_image', 'check_label_values',
-           'read_label']
+           'write_yaml', 'save_torch', 'check_writable_dir', 'FolderBusyError', 'FolderLock', 'ImageReadError',
+           'read_image', 'check_label_values', 'read_label']
 
 # %% ../nbs/00a_files.ipynb #219dfd1d
 def repo_root(start: str | Path | None = None, # where to start looking (default: the current folder)
@@ -134,6 +134,62 @@ def check_writable_dir(path: str | Path, # a folder that will receive output (it
         raise PermissionError(f"cannot write the {what} {path}: {probe} is not writable ({e.strerror}); "
                               "choose another folder") from None
     return Path(path)
+
+# %% ../nbs/00a_files.ipynb #b81e3c4f
+class FolderBusyError(OSError):
+    "A run folder that another live process is writing."
+
+def _process_start(pid: int) -> str | None:
+    "The start time of process `pid` in clock ticks since boot (Linux), or None where it cannot be read."
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError): return None
+
+def _alive(owner: dict) -> bool:
+    "Whether the process a lock names still runs (a lock of another host counts as alive)."
+    import socket
+    if owner.get("host") != socket.gethostname(): return True
+    try: os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass  # alive, owned by another user
+    started = _process_start(int(owner["pid"]))
+    return started is None or owner.get("started") in (None, started)  # another start time: the pid was reused
+
+class FolderLock:
+    "Hold `<folder>/.lock` while a process writes the folder; a live owner's lock refuses, a stale one is replaced."
+    def __init__(self, folder: str | Path, # the run folder (created when missing)
+                 what: str = "training", # what the holder does, for the message
+                ):
+        self.path, self.what, self.replaced = Path(folder) / ".lock", what, None
+
+    def __enter__(self) -> FolderLock:
+        import socket, time
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid()),
+              "what": self.what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".lock.")
+            with os.fdopen(fd, "w") as f: json.dump(me, f)
+            try:
+                os.link(tmp, self.path)  # atomic: fails if a lock exists
+                self.owner = me
+                return self
+            except FileExistsError: pass
+            finally: os.unlink(tmp)
+            try: owner = json.loads(self.path.read_text())
+            except FileNotFoundError: continue  # its owner just left
+            except (OSError, ValueError): owner = {}  # unreadable: treat as stale
+            if owner and _alive(owner):
+                raise FolderBusyError(f"{portable_path(self.path.parent)} is being written by process {owner['pid']} on "
+                                      f"{owner.get('host')} ({owner.get('what', 'a run')} since {owner.get('since')}); wait "
+                                      f"for it to end or stop it, or, if that process is gone, delete {portable_path(self.path)}")
+            self.replaced = owner or {"pid": None}
+            self.path.unlink(missing_ok=True)  # stale: its process is gone
+        raise FolderBusyError(f"could not take {portable_path(self.path)}: other processes keep replacing it")
+
+    def __exit__(self, *exc):
+        try:
+            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]: self.path.unlink()
+        except (OSError, ValueError): pass
 
 # %% ../nbs/00a_files.ipynb #4a14505d
 class ImageReadError(OSError):

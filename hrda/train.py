@@ -5,6 +5,7 @@
 # %% ../nbs/06a_train.ipynb #87a87680
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -23,7 +24,7 @@ from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rn
 from .config import (TrainConfig, config_to_dict, load_config, narrow, provenance, resolve_paths, resume_keys,
                          run_dir, run_name)
 from .core import ConfigError, autocast_dtype, get_logger, make_generator, seed_everything
-from .files import portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
+from .files import FolderLock, portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
 from .dacs import DACSConfig, dacs_step, hold_in_dtype_, read_logs
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
@@ -239,10 +240,19 @@ def train(cfg: TrainConfig, # the run
         raise ConfigError(f"step_mode=graph needs one CUDA device, fp32, tf32 or bf16 and no activation checkpointing "
                           f"(here {device.type}, {world} process(es), {cfg.precision}); use step_mode=replay or eager")
     main, out = rank == 0, run_dir(cfg)
+    pairs, val = build_datasets(cfg)  # missing or mislabelled data fails before the run folder is touched
+    with FolderLock(out) if main else contextlib.nullcontext() as lock:  # one process writes a run folder
+        return _train_locked(cfg, resume, stop_after, allow_config_change, device, rank, world, out, pairs, val,
+                             lock.replaced if main else None)
+
+def _train_locked(cfg: TrainConfig, resume, stop_after, allow_config_change, device, rank: int, world: int, out: Path,
+                  pairs: Dataset, val: Dataset, replaced_lock: dict | None) -> dict[str, Any]:
+    "The body of `train` once this process holds the run folder."
+    main = rank == 0
     ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
     changes = list((ckpt or {}).get("config_changes", [])) + changed  # every allowed change of the run, oldest first
-    pairs, val = build_datasets(cfg)  # missing or mislabelled data fails before the run folder is touched
     log = get_logger("hrda.train", out / "train.log" if main else None)
+    if main and replaced_lock: log.info(f"replaced the lock of process {replaced_lock.get('pid')}, which is gone")
     seed_everything(cfg.seed, deterministic=device.type == "cpu")
     student = build_segmentor(narrow(SegmentorConfig, cfg)).to(device)
     if ckpt is None and cfg.init_from:

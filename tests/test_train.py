@@ -416,3 +416,29 @@ def test_training_never_reads_the_target_labels(synth, straight, tmp_path):
         assert tensors_equal(latest_of(cfg)[part], latest_of(scrambled)[part]), part
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(read_log(scrambled.out_dir)) == strip(read_log(cfg.out_dir))
+
+
+def test_a_run_folder_belongs_to_one_process(synth, tmp_path, capsys):
+    "A second training into a folder a live process holds: one line naming it; once that process is killed, the run resumes."
+    cfg = config(synth, tmp_path, iters=4)
+    train(cfg, resume=False, stop_after=2)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hrda.files import FolderLock\n"
+                               "with FolderLock(sys.argv[1]): print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        from hrda.cli import main
+        argv = ["train", "--set", *[f"{k}={json.dumps(v)}" for k, v in dataclasses.asdict(cfg).items()
+                                    if k in ("source_root", "target_root", "out_dir", "iters")]]
+        code = main(argv + [f"{k}={json.dumps(v)}" for k, v in SMALL.items()] + ["eval_every=0", "checkpoint_every=0"])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1 and f"process {holder.pid}" in err, (code, err)
+        assert load_checkpoint(tmp_path / "checkpoints" / "latest.pth")["iteration"] == 2  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".lock").exists()  # SIGKILL left it behind: stale
+    assert train(cfg)["iterations"] == 4  # the resume replaces it
+    assert not (tmp_path / ".lock").exists()
+    assert "replaced the lock of process" in (tmp_path / "train.log").read_text()
