@@ -206,7 +206,12 @@ def run_demo(out_dir: str | Path = LOCAL_DIR, # report folder (relative to the r
             ref = _read(resolve_path(REFERENCE_DIR, root) / "results.json")
             comparison = compare_with_reference(results, ref) if ref else ("No committed reference found in "
                                                                            f"{REFERENCE_DIR}/results.json.", [])
-        if reference: prune_predictions(out)
+        if reference:
+            prune_predictions(out)
+            from hrda.config import provenance
+            from hrda.fingerprint import fingerprints
+            write_json(out / "fingerprints.json", {"what": "hrda.fingerprint.fingerprints() of the code that built this "
+                       "report", "commits": [provenance().get("git_commit")], "runs": fingerprints()})
         write_json(out / "results.json", results)
         write_text(out / "README.md", demo_readme(results, stages.times, comparison))
     if html:
