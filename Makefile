@@ -8,7 +8,7 @@ REQ_HASH := $(shell cat requirements.txt settings.ini setup.py | sha256sum | cut
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup demo test lab docs export clean synth-data grid bench
+.PHONY: setup demo test test-slow test-gpu ablations lab docs export clean synth-data grid bench
 
 setup: $(STAMP)
 
@@ -38,6 +38,18 @@ grid: setup
 
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The tests marked slow (MiT-B5 training steps on the CPU: minutes), alone.
+test-slow: setup
+	$(BIN)/python -m pytest tests -m slow --run-slow $(PYTEST_ARGS)
+
+# The checks that need one CUDA GPU: the CUDA-graph step against the eager step, then the paper-setting benchmark
+# and `hrda train` with both step modes, into reports/perf/graph/ (benchmarks/gpu_checks.sh).
+test-gpu: setup
+	PYTHON=$(BIN)/python bash benchmarks/gpu_checks.sh
+
+ablations: setup
+	$(BIN)/hrda ablations $(ARGS)
 
 # JUPYTER_PATH first: this clone's `hrda` kernel (in .venv) wins over one another clone installed for the user
 lab: setup
