@@ -36,5 +36,5 @@ def test_a_changed_step_is_caught(today):
     "The comparison fails on a change of behaviour (a loss 0.1 % off) and passes a last-bit difference of the weights."
     changed = json.loads(json.dumps(today))
     changed["hrda"]["logs"][1]["mix.decode.loss_seg"] *= 1.001
-    changed["daformer"]["teacher_sums"][0] *= 1 + 1e-7
+    changed["daformer"]["student_sums"][0] *= 1 + 1e-7
     assert [p.split(":")[0] for p in compare_fingerprints(changed, today)] == ["hrda logs[1].mix.decode.loss_seg"]
