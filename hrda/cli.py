@@ -16,7 +16,8 @@ from .core import ConfigError
 
 # %% auto #0
 __all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'USAGE_ERRORS', 'parse_scale', 'count', 'build_parser',
-           'cmd_evaluate', 'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'cmd_ablations', 'main']
+           'cmd_evaluate', 'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'cmd_ablations',
+           'cmd_fingerprint', 'main']
 
 # %% ../nbs/09_cli.ipynb #81a28ab9
 DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom", "acdc", "darkzurich")  # kinds `hrda prepare` converts
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("synth", "write the synthetic benchmark: hrda synth OUT_DIR [--n-source N ...]"),
                        ("train", "train a model: hrda train --config experiments/<name>.yaml [--set key=value ...]"),
                        ("demo", "source-only, DAFormer and HRDA on the synthetic benchmark: hrda demo [--seeds 0 1 2]"),
-                       ("ablations", "the design ablations of the synthetic benchmark: hrda ablations [--only ID ...]")):
+                       ("ablations", "the design ablations of the synthetic benchmark: hrda ablations [--only ID ...]"),
+                       ("fingerprint", "check today's training against tests/fingerprints.json: hrda fingerprint [--update --why TEXT]")):
         sub.add_parser(name, help=text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     ev = sub.add_parser("evaluate", help="mIoU and per-class IoU of a checkpoint, written to <run>/eval/",
                         description="Evaluate a checkpoint on a prepared validation set (whole-set mIoU).", epilog=EVALUATE_EPILOG,
@@ -188,8 +190,14 @@ def cmd_ablations(argv: list[str]) -> int:
     from hrda.ablations import ablations_cli
     return ablations_cli(argv)
 
+def cmd_fingerprint(argv: list[str]) -> int:
+    "`hrda.fingerprint.fingerprint_cli` with these arguments: check or rewrite the committed fingerprints of training."
+    from hrda.fingerprint import fingerprint_cli
+    return fingerprint_cli(argv)
+
 DELEGATED: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "synth": cmd_synth, "prepare": cmd_prepare,
-                                                    "demo": cmd_demo, "ablations": cmd_ablations}
+                                                    "demo": cmd_demo, "ablations": cmd_ablations,
+                                                    "fingerprint": cmd_fingerprint}
 
 # %% ../nbs/09_cli.ipynb #86d9851e
 USER_ERRORS = (ValueError, OSError, FloatingPointError)  # config, checkpoint, data and file errors; NaN losses

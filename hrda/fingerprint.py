@@ -148,7 +148,7 @@ def fingerprint_cli(argv: Sequence[str] | None = None) -> int:
     "Check today's code against the committed fingerprints, or rewrite them (--update --why TEXT)."
     import argparse
     from hrda.files import resolve_path
-    p = argparse.ArgumentParser(prog="python -m hrda.fingerprint", description=fingerprint_cli.__doc__)
+    p = argparse.ArgumentParser(prog="hrda fingerprint", description=fingerprint_cli.__doc__)
     p.add_argument("--file", default=FINGERPRINT_FILE, help=f"fingerprints file (default {FINGERPRINT_FILE})")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="compare today's code with the file (the default)")
@@ -169,6 +169,3 @@ def fingerprint_cli(argv: Sequence[str] | None = None) -> int:
     write_json(path, {"runs": new, "history": history})
     print(f"{args.file}: {len(problems)} numbers changed; history: {args.why}")
     return 0
-
-if __name__ == "__main__" and "ipykernel" not in __import__("sys").modules:  # `python -m hrda.fingerprint`, not a kernel
-    raise SystemExit(fingerprint_cli())

@@ -17,7 +17,7 @@ def test_training_matches_the_committed_fingerprints(today):
     committed = json.loads((ROOT / FINGERPRINT_FILE).read_text())
     problems = compare_fingerprints(today, committed["runs"])
     assert not problems, (f"training changed ({len(problems)} numbers): " + "; ".join(problems[:6]) + ". If the change is "
-                          "meant to change training, run `python -m hrda.fingerprint --update --why '...'` and commit "
+                          "meant to change training, run `hrda fingerprint --update --why '...'` and commit "
                           f"{FINGERPRINT_FILE} with it")
     print("bit for bit" if bitwise_equal(today, committed["runs"]) else "to rounding (another processor's kernels)")
 
