@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,10 +148,7 @@ def run_ablations(out_dir: str | Path = ABLATIONS_DIR, # study folder (relative 
         with stages(f"evaluate {a.id} on the target val split (papermill nbs/runs/evaluate.ipynb)"):
             run_template("evaluate", run / "eval" / "evaluate.ipynb", out_dir=portable_path(run / "eval"),
                          checkpoint=portable_path(run / "checkpoints" / "latest.pth"), branches=a.method == "hrda")
-            for folder in ("predictions", "scales"):  # the study keeps numbers, not prediction PNGs
-                for p in sorted((run / "eval" / folder).rglob("*"), reverse=True) if (run / "eval" / folder).is_dir() else []:
-                    p.unlink() if p.is_file() else p.rmdir()
-                if (run / "eval" / folder).is_dir(): (run / "eval" / folder).rmdir()
+            for folder in ("predictions", "scales"): shutil.rmtree(run / "eval" / folder, ignore_errors=True)  # numbers, not PNGs
     return write_ablation_report(out, stages.times)
 
 # %% ../nbs/08d_ablations.ipynb #16399763
