@@ -171,8 +171,8 @@ def write_ablation_report(out: Path, # the study folder
             "set to 0 / 1, from the same evaluation pass.", "", ablation_table(rows),
             "Training wall time of each run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items() if v is not None) + ".", ""]
     if times: text += ["| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in times.items()], ""]
-    text += ["Rebuilt by `hrda ablations` (about 45 minutes on 2 cores; finished runs are kept, so it only evaluates "
-             "them again and rewrites this report)."]
+    text += ["Rebuilt by `hrda ablations` (finished runs are kept: it then evaluates them again and rewrites this "
+             "report, with the stage times of that invocation)."]
     write_text(out / "README.md", "\n".join(text) + "\n")
     return rows
 
