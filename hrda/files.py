@@ -161,6 +161,21 @@ class FolderLock:
                 ):
         self.path, self.what, self.replaced = Path(folder) / ".lock", what, None
 
+    def _owner(self) -> dict | None:
+        "The live process named by the lock file, if any (None: no lock, or a stale one)."
+        try: owner = json.loads(self.path.read_text())
+        except (OSError, ValueError): return None  # none, just removed, or unreadable: stale
+        return owner if owner and owner.get("pid") != os.getpid() and _alive(owner) else None
+
+    def _refuse(self, owner: dict) -> FolderBusyError:
+        return FolderBusyError(f"{portable_path(self.path.parent)} is being written by process {owner['pid']} on "
+                               f"{owner.get('host')} ({owner.get('what', 'a run')} since {owner.get('since')}); wait "
+                               f"for it to end or stop it, or, if that process is gone, delete {portable_path(self.path)}")
+
+    def check(self) -> None:
+        "Raise `FolderBusyError` if a live process holds the folder; read-only (call before reading the folder)."
+        if (owner := self._owner()) is not None: raise self._refuse(owner)
+
     def __enter__(self) -> FolderLock:
         import socket, time
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,10 +193,7 @@ class FolderLock:
             try: owner = json.loads(self.path.read_text())
             except FileNotFoundError: continue  # its owner just left
             except (OSError, ValueError): owner = {}  # unreadable: treat as stale
-            if owner and _alive(owner):
-                raise FolderBusyError(f"{portable_path(self.path.parent)} is being written by process {owner['pid']} on "
-                                      f"{owner.get('host')} ({owner.get('what', 'a run')} since {owner.get('since')}); wait "
-                                      f"for it to end or stop it, or, if that process is gone, delete {portable_path(self.path)}")
+            if owner and _alive(owner): raise self._refuse(owner)
             self.replaced = owner or {"pid": None}
             self.path.unlink(missing_ok=True)  # stale: its process is gone
         raise FolderBusyError(f"could not take {portable_path(self.path)}: other processes keep replacing it")

@@ -240,16 +240,17 @@ def train(cfg: TrainConfig, # the run
         raise ConfigError(f"step_mode=graph needs one CUDA device, fp32, tf32 or bf16 and no activation checkpointing "
                           f"(here {device.type}, {world} process(es), {cfg.precision}); use step_mode=replay or eager")
     main, out = rank == 0, run_dir(cfg)
+    if main: FolderLock(out).check()  # a folder another live process writes: refused before anything is read
+    ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
     pairs, val = build_datasets(cfg)  # missing or mislabelled data fails before the run folder is touched
     with FolderLock(out) if main else contextlib.nullcontext() as lock:  # one process writes a run folder
-        return _train_locked(cfg, resume, stop_after, allow_config_change, device, rank, world, out, pairs, val,
+        return _train_locked(cfg, stop_after, device, rank, world, out, ckpt, changed, pairs, val,
                              lock.replaced if main else None)
 
-def _train_locked(cfg: TrainConfig, resume, stop_after, allow_config_change, device, rank: int, world: int, out: Path,
-                  pairs: Dataset, val: Dataset, replaced_lock: dict | None) -> dict[str, Any]:
+def _train_locked(cfg: TrainConfig, stop_after: int | None, device, rank: int, world: int, out: Path, ckpt: dict | None,
+                  changed: list[dict], pairs: Dataset, val: Dataset, replaced_lock: dict | None) -> dict[str, Any]:
     "The body of `train` once this process holds the run folder."
     main = rank == 0
-    ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
     changes = list((ckpt or {}).get("config_changes", [])) + changed  # every allowed change of the run, oldest first
     log = get_logger("hrda.train", out / "train.log" if main else None)
     if main and replaced_lock: log.info(f"replaced the lock of process {replaced_lock.get('pid')}, which is gone")
