@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +15,7 @@ from .analysis import fine_miou
 from .config import TrainConfig, load_config
 from .demo import BRANCHES, machine_class
 from .files import portable_path, repo_root, resolve_path, write_json, write_text
-from .runner import Stages, run_template, train_status
+from .runner import Stages, run_template, train_run, train_status
 
 # %% auto #0
 __all__ = ['SYNTH_WIDTHS', 'ABLATIONS', 'ABLATIONS_DIR', 'BASELINE', 'Ablation', 'ablation_values', 'ablation_summary',
@@ -90,7 +89,7 @@ def ablation_rows(results: dict[str, dict], # id -> ablation_summary
         dafo = results.get(setting) if setting else None
         d = lambda x, y, k: None if x is None or y is None or x.get(k) is None or y.get(k) is None else round(x[k] - y[k], 2)
         rows.append({"question": a.question, "id": a.id, "method": a.method, "start": a.start or "scratch",
-                     "changes": {k: v for k, v in a.overrides.items()}, "mIoU": res["mIoU"], "fine_mIoU": res["fine_mIoU"],
+                     "changes": dict(a.overrides), "mIoU": res["mIoU"], "fine_mIoU": res["fine_mIoU"],
                      "vs_demo_run": None if a.id == BASELINE[a.method] else d(res, base, "mIoU"),
                      "vs_daformer_same_setting": d(res, dafo, "mIoU"),
                      "fine_vs_daformer_same_setting": d(res, dafo, "fine_mIoU"),
@@ -141,10 +140,7 @@ def run_ablations(out_dir: str | Path = ABLATIONS_DIR, # study folder (relative 
         run, config, values = out / a.id, f"experiments/synth_{a.method}.yaml", {**ablation_values(a, out), **(overrides or {})}
         iters = load_config(TrainConfig, root / config, values).iters
         with stages(f"train {a.id} (papermill nbs/runs/train.ipynb -> {portable_path(run)})", train_status(run, iters)):
-            done = json.loads((run / "metrics.json").read_text()).get("finished") if (run / "metrics.json").is_file() else False
-            with tempfile.TemporaryDirectory() as scratch:  # a finished run is checked and kept, with its executed notebook
-                run_template("train", Path(scratch if done else run) / "train.ipynb", config=config, seed=0,
-                             data_root=portable_path(data), out_dir=portable_path(run), overrides=values)
+            train_run(run, config, 0, data, values)
         with stages(f"evaluate {a.id} on the target val split (papermill nbs/runs/evaluate.ipynb)"):
             run_template("evaluate", run / "eval" / "evaluate.ipynb", out_dir=portable_path(run / "eval"),
                          checkpoint=portable_path(run / "checkpoints" / "latest.pth"), branches=a.method == "hrda")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +15,7 @@ from .analysis import FINE_CLASSES, fine_miou
 from .core import CLASSES
 from .files import portable_path, repo_root, resolve_path, write_json, write_text
 from .config import load_config, seed_run_name
-from .runner import Stages, notebook_html, run_template, train_status
+from .runner import Stages, notebook_html, run_template, train_run, train_status
 
 # %% auto #0
 __all__ = ['METHODS', 'DEFAULT_METHODS', 'WARM_START', 'BRANCHES', 'LOCAL_DIR', 'REFERENCE_DIR', 'REFERENCE_SEEDS', 'run_folder',
@@ -183,10 +182,7 @@ def run_demo(out_dir: str | Path = LOCAL_DIR, # report folder (relative to the r
         iters = load_config(TrainConfig, root / config, values).iters
         with stages(f"train {METHODS[m]}, seed {s} (papermill nbs/runs/train.ipynb -> {portable_path(run)})",
                     train_status(run, iters)):
-            done = (_read(run / "metrics.json") or {}).get("finished")
-            with tempfile.TemporaryDirectory() as scratch:  # a finished run is checked and kept, with its executed notebook
-                run_template("train", Path(scratch if done else run) / "train.ipynb", config=config, seed=s,
-                             data_root=portable_path(data), out_dir=portable_path(run), overrides=values)
+            train_run(run, config, s, data, values)
     for m, s in runs:
         run = run_folder(out, m, s)
         with stages(f"evaluate {METHODS[m]}, seed {s} on the target val split (papermill nbs/runs/evaluate.ipynb)"):

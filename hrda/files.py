@@ -161,11 +161,11 @@ class FolderLock:
                 ):
         self.path, self.what, self.replaced = Path(folder) / ".lock", what, None
 
-    def _owner(self) -> dict | None:
-        "The live process named by the lock file, if any (None: no lock, or a stale one)."
-        try: owner = json.loads(self.path.read_text())
-        except (OSError, ValueError): return None  # none, just removed, or unreadable: stale
-        return owner if owner and owner.get("pid") != os.getpid() and _alive(owner) else None
+    def _read(self) -> dict | None:
+        "The lock file's owner record: None without a lock file, {} for one that cannot be read (stale)."
+        try: return json.loads(self.path.read_text()) or {}
+        except FileNotFoundError: return None
+        except (OSError, ValueError): return {}
 
     def _refuse(self, owner: dict) -> FolderBusyError:
         return FolderBusyError(f"{portable_path(self.path.parent)} is being written by process {owner['pid']} on "
@@ -174,7 +174,7 @@ class FolderLock:
 
     def check(self) -> None:
         "Raise `FolderBusyError` if a live process holds the folder; read-only (call before reading the folder)."
-        if (owner := self._owner()) is not None: raise self._refuse(owner)
+        if (owner := self._read()) and owner.get("pid") != os.getpid() and _alive(owner): raise self._refuse(owner)
 
     def __enter__(self) -> FolderLock:
         import socket, time
@@ -190,9 +190,7 @@ class FolderLock:
                 return self
             except FileExistsError: pass
             finally: os.unlink(tmp)
-            try: owner = json.loads(self.path.read_text())
-            except FileNotFoundError: continue  # its owner just left
-            except (OSError, ValueError): owner = {}  # unreadable: treat as stale
+            if (owner := self._read()) is None: continue  # its owner just left
             if owner and _alive(owner): raise self._refuse(owner)
             self.replaced = owner or {"pid": None}
             self.path.unlink(missing_ok=True)  # stale: its process is gone

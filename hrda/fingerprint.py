@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import torch
 
 from .checkpoint import load_checkpoint
-from .config import TrainConfig, load_config, provenance
-from .core import get_logger
+from .config import TrainConfig, load_config, narrow, provenance
+from .core import get_logger, seed_everything
+from .segmentor import SegmentorConfig, build_segmentor
 from .files import repo_root, write_json
 from .train import read_log, train
 
@@ -54,9 +55,6 @@ def _update_sums(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor])
 
 def _initial_student(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     "The student `train` starts from: the same seed, then the same build."
-    from hrda.core import seed_everything
-    from hrda.config import narrow
-    from hrda.segmentor import SegmentorConfig, build_segmentor
     seed_everything(cfg.seed, deterministic=True)
     return build_segmentor(narrow(SegmentorConfig, cfg)).state_dict()
 

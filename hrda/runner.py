@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .files import portable_path, repo_root, write_text
 
 # %% auto #0
-__all__ = ['clock', 'train_status', 'Stages', 'run_template', 'portable_notebook', 'notebook_html']
+__all__ = ['clock', 'train_status', 'Stages', 'run_template', 'portable_notebook', 'notebook_html', 'train_run']
 
 # %% ../nbs/08b_runner.ipynb #6d741fc3
 def clock(seconds: float) -> str:
@@ -141,3 +141,18 @@ def notebook_html(notebook: str | Path, # an executed notebook
         href = Path(os.path.relpath(sheet, Path(html).parent)).as_posix()
         body = style.sub("", head) + f'<link rel="stylesheet" href="{href}">\n</head>' + rest
     return write_text(html, body)
+
+# %% ../nbs/08b_runner.ipynb #4c2e9b17
+def train_run(run: str | Path, # the run folder
+              config: str, # experiment YAML, relative to the repository root
+              seed: int, # training seed
+              data_root: str | Path, # the benchmark root
+              overrides: dict, # training config keys over the experiment's
+             ) -> None:
+    "Train `config` into `run` with the papermill template; a finished run is only checked, its executed notebook kept."
+    import tempfile
+    metrics = Path(run) / "metrics.json"
+    done = metrics.is_file() and json.loads(metrics.read_text()).get("finished")
+    with tempfile.TemporaryDirectory() as scratch:
+        run_template("train", Path(scratch if done else run) / "train.ipynb", config=config, seed=seed,
+                     data_root=portable_path(data_root), out_dir=portable_path(run), overrides=overrides)

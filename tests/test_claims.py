@@ -63,15 +63,19 @@ def numbers_of_files(paths) -> set[float]:
     return found
 
 
+def resolve_cited(cited: str, base: Path) -> list[Path]:
+    "The files a cited path names, from the repository root or else from `base` (a folder stands for its data files)."
+    for root in (ROOT, base):
+        matches = sorted(root.glob(cited)) if "*" in cited else [root / cited] if (root / cited).exists() else []
+        if matches:
+            return [f for m in matches for f in ([m] if m.is_file() else sorted(m.rglob("*")))
+                    if f.is_file() and (m.is_file() or f.suffix in (".json", ".md", ".txt", ".yaml", ".csv"))]
+    return []
+
+
 def cited_files(text: str, base: Path) -> list[Path]:
-    "Committed files a block names (a folder stands for its files)."
-    files = []
-    for c in CITED.findall(text):
-        for root in (ROOT, base):
-            matches = sorted(root.glob(c)) if "*" in c else [root / c] if (root / c).exists() else []
-            for m in matches: files += [m] if m.is_file() else [f for f in sorted(m.rglob("*")) if f.is_file() and f.suffix in (".json", ".md", ".txt", ".yaml", ".csv")]
-            if matches: break
-    return files
+    "Committed files a block names."
+    return [f for c in CITED.findall(text) for f in resolve_cited(c, base)]
 
 
 def traced(number: str, pool: set[float]) -> bool:
@@ -90,8 +94,8 @@ def untraced(markdown: str, base: Path, skip=frozenset(), default_sources=()) ->
     for section, block, lead in blocks(markdown, skip):
         nums = numbers_of_text(block)
         if not nums: continue
-        missing = [c for c in CITED.findall(block) if not c.startswith(("reports/local", "reports/_smoke")) and not any((r / c).exists() or (r.glob(c) and any(r.glob(c))) if "*" in c
-                                                              else (r / c).exists() for r in (ROOT, base))]
+        missing = [c for c in CITED.findall(block)
+                   if not c.startswith(("reports/local", "reports/_smoke")) and not resolve_cited(c, base)]
         if missing: problems.append(f"[{section}] cites missing files {missing}: {block[:120]}")
         pool = numbers_of_files(cited_files(block + " " + lead, base)) | default_pool
         bad = [n for n in nums if not traced(n, pool)]
