@@ -17,6 +17,7 @@ from torch import nn
 
 from .core import get_logger
 from .mit import MIT_CONFIGS, mit
+from .vit import DINOV2_ARCHS, DINOV2_HELP, DinoVisionEncoder
 
 # %% auto #0
 __all__ = ['WEIGHTS_HELP', 'BACKBONES', 'conv_norm_act', 'BasicBlock', 'SmallCNN', 'TimmBackbone', 'check_weights_file',
@@ -118,11 +119,13 @@ WEIGHTS_HELP = ("MiT ImageNet weights: `mit_b5.pth` (or mit_b0..b4) from the Seg
                 "`model.safetensors` of the Hugging Face model nvidia/mit-b5 (https://huggingface.co/nvidia/mit-b5); "
                 "download it on a machine with internet access and pass its local path")
 
-def check_weights_file(path: str | Path) -> Path:
+def check_weights_file(path: str | Path, # the weights file
+                       where: str = WEIGHTS_HELP, # where to get them (named in the error)
+                      ) -> Path:
     "`path` as a Path if it is a file, else a FileNotFoundError that says where to get the weights."
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights not found: {path}. Nothing is downloaded; get them first. {WEIGHTS_HELP}")
+        raise FileNotFoundError(f"pretrained weights not found: {path}. Nothing is downloaded; get them first. {where}")
     return path
 
 def read_state_dict(path: str | Path, # .pth/.pt/.bin (torch) or .safetensors
@@ -179,6 +182,8 @@ def load_pretrained(model: nn.Module, # a backbone (MixTransformer, SmallCNN, Ti
     sd = read_state_dict(path)
     convert = getattr(model, "convert_state_dict", None)
     sd, fmt = convert(sd) if convert is not None else (sd, "native")
+    check = getattr(model, "check_weights", None)  # a model that names what a file of another size or layout lacks
+    notes = check(sd, str(path)) if check is not None else []
     loaded, missing, unexpected = load_shape_checked(model, sd, f"{path} does not fit this {type(model).__name__}",
                                                      "are these the weights of another model size?")
     report = LoadReport(str(path), fmt, loaded, missing, unexpected)
@@ -187,18 +192,21 @@ def load_pretrained(model: nn.Module, # a backbone (MixTransformer, SmallCNN, Ti
         logger.info(f"loaded {report.loaded} tensors ({fmt} layout) from {path}")
         if report.missing: logger.warning(f"{len(report.missing)} keys missing from {path}: {report.missing[:10]}")
         if report.unexpected: logger.warning(f"{len(report.unexpected)} unexpected keys in {path} ignored: {report.unexpected[:10]}")
+        for note in notes: logger.warning(note)
     return report
 
 # %% ../nbs/03a_backbones.ipynb #b80809ba
-BACKBONES: tuple[str, ...] = (*MIT_CONFIGS, "cnn", "timm:<name>")
+BACKBONES: tuple[str, ...] = (*MIT_CONFIGS, *DINOV2_ARCHS, "cnn", "timm:<name>")
 
-def create_backbone(name: str, # 'mit_b0'..'mit_b5', 'cnn' or 'timm:<model name>'
+def create_backbone(name: str, # 'mit_b0'..'mit_b5', 'dinov2_vit{s,b,l,g}14[_reg]', 'vit_tiny14', 'cnn' or 'timm:<model name>'
                     pretrained: str | Path | None = None, # local weights file (never downloaded)
                     **kwargs, # constructor arguments (e.g. drop_path_rate, widths, norm, generator)
                    ) -> nn.Module:
     "A backbone by name, with `out_channels` and `strides`; optionally loads local pretrained weights."
-    if pretrained is not None: check_weights_file(pretrained)  # fail before building a large model
+    if pretrained is not None:  # fail before building a large model
+        check_weights_file(pretrained, DINOV2_HELP if name in DINOV2_ARCHS else WEIGHTS_HELP)
     if name in MIT_CONFIGS: model = mit(name, **kwargs)
+    elif name in DINOV2_ARCHS: model = DinoVisionEncoder(name, **kwargs)
     elif name == "cnn": model = SmallCNN(**kwargs)
     elif name.startswith("timm:"): model = TimmBackbone(name[len("timm:"):], **kwargs)
     else: raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -15,7 +15,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['Norm', 'HEADS', 'group_count', 'make_norm', 'ConvNormAct', 'LinearEmbed', 'SeparableConv', 'SeparableASPP',
            'init_linear_default', 'init_conv_norm', 'init_classifier', 'resize_to', 'DAFormerHead',
-           'ScaleAttentionHead', 'SegFormerHead', 'DLV2Head', 'create_head']
+           'ScaleAttentionHead', 'SegFormerHead', 'DLV2Head', 'LayerNorm2d', 'LightweightHead', 'create_head']
 
 # %% ../nbs/03b_heads.ipynb #4fa0f6bc
 Norm = Literal["bn", "gn"]
@@ -257,11 +257,52 @@ class DLV2Head(nn.Module):
         for m in self.aspp_modules[1:]: out = out + m(x)
         return out
 
+# %% ../nbs/03b_heads.ipynb #5d1c34d4
+class LayerNorm2d(nn.LayerNorm):
+    "LayerNorm over the channels of a (B, C, H, W) map (eps 1e-6)."
+    def __init__(self, channels: int, eps: float = 1e-6): super().__init__(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+class LightweightHead(nn.Module):
+    "VFM-UDA's ViT decoder: ×4 upsampling by two transposed convs with LayerNorm, a 3×3 conv, a 1×1 classifier."
+    def __init__(self, in_channels: Sequence[int], # channels of each backbone level; only the last is read
+                 num_classes: int, # output channels K
+                 in_strides: Sequence[int] = (14,), # stride of each level w.r.t. the image (unused: see output_stride)
+                 classifier_std: float = 0.1, # std of the classifier's normal init
+                 generator: torch.Generator | None = None, # init randomness (None: torch's global generator)
+                ):
+        super().__init__()
+        D = int(in_channels[-1])
+        if D % 4: raise ValueError(f"the lightweight head needs a width divisible by 4, got {D}")
+        self.in_channels, self.num_classes, self.classifier_std = tuple(in_channels), num_classes, classifier_std
+        with torch.random.fork_rng(devices=[]):  # the layers' default init draws are replaced in init_weights
+            self.upscale = nn.Sequential(
+                nn.ConvTranspose2d(D, D // 2, 2, 2, bias=False), LayerNorm2d(D // 2), nn.GELU(),
+                nn.ConvTranspose2d(D // 2, D // 4, 2, 2, bias=False), LayerNorm2d(D // 4),
+                nn.Conv2d(D // 4, D // 4, 3, padding=1, bias=False), LayerNorm2d(D // 4))
+            self.conv_seg = nn.Conv2d(D // 4, num_classes, 1, bias=False)
+        self.output_stride = 4  # the segmentor places these logits on the stride-4 grid of its input
+        self.init_weights(generator)
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        "PyTorch's default conv init (Kaiming-uniform, a = √5), unit LayerNorms, normal(0, `classifier_std`) classifier."
+        for m in self.upscale:
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)): nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+            elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+        init_classifier(self.conv_seg, self.classifier_std, generator)
+
+    def forward(self, features: Sequence[torch.Tensor], # per level (B, C_i, H_i, W_i); the last is read
+               ) -> torch.Tensor: # (B, K, 4·H, 4·W)
+        return self.conv_seg(self.upscale(features[-1]))
+
 # %% ../nbs/03b_heads.ipynb #e7899092
 HEADS: dict[str, type[nn.Module]] = {
-    "daformer": DAFormerHead, "attention": ScaleAttentionHead, "segformer": SegFormerHead, "dlv2": DLV2Head}
+    "daformer": DAFormerHead, "attention": ScaleAttentionHead, "segformer": SegFormerHead, "dlv2": DLV2Head,
+    "lightweight": LightweightHead}
 
-def create_head(name: str, # one of HEADS: 'daformer', 'attention', 'segformer', 'dlv2'
+def create_head(name: str, # one of HEADS: 'daformer', 'attention', 'segformer', 'dlv2', 'lightweight'
                 in_channels: Sequence[int], # channels of each backbone level, finest first
                 num_classes: int, # output channels K
                 **kwargs, # passed to the head class

@@ -148,8 +148,9 @@ class EncoderDecoder(nn.Module):
 
     @property
     def size_divisor(self) -> int:
-        "Inputs of `encode_decode` are padded to a multiple of this, so every scale is a whole number of cells."
-        return math.lcm(*(int(round(BACKBONE_STRIDE / s)) for s in self.scales))
+        "Inputs of `encode_decode` are padded to a multiple of this, so every scale is a whole number of cells (or patches)."
+        unit = getattr(self.backbone, "size_divisor", BACKBONE_STRIDE)  # a ViT: its patch (or 1 when it resizes inside)
+        return math.lcm(*(max(1, int(round(unit / s))) for s in self.scales))
 
     @property
     def train_unit(self) -> int:
@@ -160,6 +161,16 @@ class EncoderDecoder(nn.Module):
         if img.shape[-2] % self.train_unit or img.shape[-1] % self.train_unit:
             raise ValueError(f"training crops must be multiples of {self.train_unit} pixels (output stride x scale ratio) so "
                              f"that the LR and HR logit maps align; got {tuple(img.shape[-2:])}: change the crop size of the data")
+        unit = getattr(self.backbone, "size_divisor", 1)
+        hr = getattr(self.cfg, "hr_crop_size", None) if len(self.scales) > 1 else None
+        sizes = [(f"the {s:g}x input", [n * s for n in img.shape[-2:]]) for s in self.scales[:1 if hr else None]]
+        if hr: sizes.append(("the detail crop (hr_crop_size)", list(hr)))
+        for what, hw in sizes:
+            if any(abs(n - round(n)) > 1e-6 or round(n) % unit for n in hw):
+                raise ValueError(f"{what} of a {tuple(img.shape[-2:])} training crop is {tuple(int(n) if n == int(n) else round(n, 2) for n in hw)}, "
+                                 f"not a multiple of the encoder's {unit}-px patches: choose crop_size and hr_crop_size "
+                                 f"so that every scale's input divides into patches (e.g. crop 1008, detail 504), or set "
+                                 f"backbone_kwargs input_scale (1.1: the encoder resizes its inputs, as VFM-UDA does)")
 
     def draw_box(self, img_hw: Sequence[int], # (H, W) of the training crop
                  generator: torch.Generator, # the iteration's random stream
@@ -276,7 +287,7 @@ class HRDAEncoderDecoder(EncoderDecoder):
         "Sigmoid scale attention (B, K or 1, h, w) from the LR features, or the constant `fixed`."
         fixed = self.cfg.fixed_attention if fixed is None else fixed
         if fixed is not None: return lr_logits.new_full((lr_logits.shape[0], 1, *lr_logits.shape[-2:]), float(fixed))
-        return torch.sigmoid(self.attention_head(feats))
+        return torch.sigmoid(resize(self.attention_head(feats), lr_logits.shape[-2:]))
 
     def draw_box(self, img_hw: Sequence[int], # (H, W) of the training crop
                  generator: torch.Generator, # the iteration's random stream
@@ -291,15 +302,17 @@ class HRDAEncoderDecoder(EncoderDecoder):
                      hr_in: torch.Tensor, # (n·B, 3, h', w') the detail crop(s) or windows
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
         "(LR features, HR features, LR logits, HR logits): one backbone pass for both when their sizes agree."
+        # logits on the stride-`output_stride` grid of each input (a no-op unless the head's grid differs, as a ViT's does)
+        on_grid = lambda logits, x: resize(logits, [n // self.output_stride for n in x.shape[-2:]])
         if lr_in.shape[1:] == hr_in.shape[1:] and self.backbone_per_sample:
             B = lr_in.shape[0]
             both = self.backbone(torch.cat([lr_in, hr_in]))
             lr_feats, hr_feats = [f[:B] for f in both], [f[B:] for f in both]
             if self.heads_per_sample:
-                logits = self.decode_head(both)
+                logits = on_grid(self.decode_head(both), lr_in)
                 return lr_feats, hr_feats, logits[:B], logits[B:]
         else: lr_feats, hr_feats = self.backbone(lr_in), self.backbone(hr_in)
-        return lr_feats, hr_feats, self.decode_head(lr_feats), self.decode_head(hr_feats)  # BatchNorm heads: apart
+        return lr_feats, hr_feats, on_grid(self.decode_head(lr_feats), lr_in), on_grid(self.decode_head(hr_feats), hr_in)
 
     def forward_train(self, img: torch.Tensor, # (B, 3, H, W) normalised context crop
                       gt: torch.Tensor, # (B, H, W) or (B, 1, H, W) int64 labels

@@ -46,18 +46,21 @@ def test_every_head_on_every_backbone(head_name, size, features):
         kw = {"in_strides": bb.strides}
         if head_name == "segformer":
             kw |= {"embed_dim": 32, "norm": "gn" if "gn" in key else "bn"}
-        elif head_name != "dlv2":
+        elif head_name not in ("dlv2", "lightweight"):
             kw |= {"channels": 32, "embed_dims": 32, "norm": "gn" if "gn" in key else "bn"}
         head = create_head(head_name, bb.out_channels, 5, generator=gen(1), **kw).train()
         feats = [f.clone().requires_grad_() for f in feats]
         out = head(feats)
-        level = -1 if head_name == "dlv2" else 0
-        assert out.shape == (2, 5, *feats[level].shape[-2:]), (head_name, key, out.shape)
-        assert head.output_stride == bb.strides[level]
-        assert out.shape[-2:] == tuple(math.ceil(s / head.output_stride) for s in size)
+        level = -1 if head_name in ("dlv2", "lightweight") else 0
+        if head_name == "lightweight":  # a ViT head: ×4 the last level; the segmentor resizes to its stride-4 grid
+            assert out.shape == (2, 5, *(4 * n for n in feats[-1].shape[-2:])) and head.output_stride == 4
+        else:
+            assert out.shape == (2, 5, *feats[level].shape[-2:]), (head_name, key, out.shape)
+            assert head.output_stride == bb.strides[level]
+            assert out.shape[-2:] == tuple(math.ceil(s / head.output_stride) for s in size)
         out.logsumexp(1).mean().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters()), (head_name, key)
-        used = [level] if head_name == "dlv2" else range(4)
+        used = [level] if head_name in ("dlv2", "lightweight") else range(4)
         assert all(feats[i].grad is not None and feats[i].grad.abs().sum() > 0 for i in used), (head_name, key)
 
 
