@@ -20,7 +20,8 @@ __all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'USAGE_ERR
            'cmd_fingerprint', 'main']
 
 # %% ../nbs/09_cli.ipynb #81a28ab9
-DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom", "acdc", "darkzurich")  # kinds `hrda prepare` converts
+DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom", "acdc", "darkzurich",  # kinds `hrda prepare` converts
+                             "wilddash2", "bdd100k", "mapillary")  # the last three: out-of-target evaluation sets
 
 def parse_scale(text: str, # 'config', 'none', 'LONGxSHORT' (e.g. 2048x1024) or a factor (e.g. 0.5)
                ) -> tuple[int, int] | float | None | str:
@@ -177,6 +178,9 @@ def cmd_prepare(argv: list[str]) -> int:
     if argv[0] in ("acdc", "darkzurich"):
         from hrda.adverse import prepare_adverse_cli
         return prepare_adverse_cli(argv[0], argv[1:])
+    if argv[0] in ("wilddash2", "bdd100k", "mapillary"):
+        from hrda.outoftarget import prepare_out_of_target_cli
+        return prepare_out_of_target_cli(argv[0], argv[1:])
     from hrda.convert import prepare_cli
     return prepare_cli(argv[0], argv[1:])
 

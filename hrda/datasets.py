@@ -22,10 +22,10 @@ from .files import read_image, read_label
 from .convert import PREPARE_COMMANDS, DataPrepError
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'Layout', 'dataset_layout', 'find_samples', 'check_pair', 'normalize', 'denormalize', 'PipelineConfig',
-           'hrda_pipeline', 'rescale_size', 'random_crop_box', 'crop_box_cat_max', 'margin_mask', 'train_transform',
-           'SegDataset', 'RCSConfig', 'load_class_stats', 'rcs_class_probs', 'RareClassSampler', 'UDADataset',
-           'ValDataset']
+__all__ = ['LAYOUTS', 'HRDA_PREPARE', 'FIRST_RELEASE_LAYOUTS', 'Layout', 'dataset_layout', 'find_samples', 'check_pair',
+           'normalize', 'denormalize', 'PipelineConfig', 'hrda_pipeline', 'rescale_size', 'random_crop_box',
+           'crop_box_cat_max', 'margin_mask', 'train_transform', 'SegDataset', 'RCSConfig', 'load_class_stats',
+           'rcs_class_probs', 'RareClassSampler', 'UDADataset', 'ValDataset']
 
 # %% ../nbs/01a_datasets.ipynb #778bd966
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Layout:
     img_suffix: str  # image file names end in this
     label_dir: str  # label folder; a label has the image's relative path with the suffix swapped
     label_suffix: str  # label file names end in this
+    split_dirs: tuple[tuple[str, str], ...] = ()  # (split name, its folder name) where the two differ
 
 LAYOUTS: dict[str, Layout] = {
     "gta": Layout("images", ".png", "labels", "_labelTrainIds.png"),
@@ -43,6 +44,14 @@ LAYOUTS: dict[str, Layout] = {
     "custom": Layout("images", ".png", "labels", "_labelTrainIds.png"),  # image suffix from prepare.yaml
     "acdc": Layout("rgb_anon/*/{split}", "_rgb_anon.png", "gt/*/{split}", "_gt_labelTrainIds.png"),  # * = fog, night, rain, snow
     "darkzurich": Layout("rgb_anon/{split}", "_rgb_anon.png", "gt/{split}", "_gt_labelTrainIds.png"),  # train: night images, no labels
+    "wilddash2": Layout("images", ".jpg", "labelTrainIds", "_labelTrainIds.png"),  # one public set: every split name reads it
+    "bdd100k": Layout("images/10k/{split}", ".jpg", "labels/sem_seg/masks/{split}", "_labelTrainIds.png"),
+    "mapillary": Layout("{split}/images", ".jpg", "{split}/labelTrainIds", "_labelTrainIds.png",
+                        (("train", "training"), ("val", "validation"), ("test", "testing"))),
+}
+HRDA_PREPARE = "hrda prepare {dataset} {root}"  # the command of the datasets PREPARE_COMMANDS does not list
+FIRST_RELEASE_LAYOUTS: dict[str, Layout] = {  # read when a tree has this image folder and not that of LAYOUTS
+    "bdd100k": Layout("seg/images/{split}", ".jpg", "seg/labels/{split}", "_labelTrainIds.png"),
 }
 
 def dataset_layout(root: str | Path, # the prepared dataset root
@@ -50,6 +59,9 @@ def dataset_layout(root: str | Path, # the prepared dataset root
                   ) -> Layout:
     "The layout of `dataset`; a custom tree takes its image suffix from its prepare.yaml."
     if dataset not in LAYOUTS: raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(LAYOUTS)}")
+    top = lambda lay: Path(root) / lay.img_dir.split("{")[0]  # the image folder above the split folders
+    first = FIRST_RELEASE_LAYOUTS.get(dataset)
+    if first is not None and not top(LAYOUTS[dataset]).is_dir() and top(first).is_dir(): return first
     if dataset != "custom": return LAYOUTS[dataset]
     meta = Path(root) / "prepare.yaml"
     if not meta.is_file():
@@ -69,6 +81,7 @@ def find_samples(root: str | Path, # the prepared dataset root
                 ) -> list[tuple[str, str | None]]:
     "Sorted (image, label) paths: a recursive scan of the image folder(s), each label found by swapping the suffix."
     root, lay = Path(root), dataset_layout(root, dataset)
+    split = dict(lay.split_dirs).get(split, split)
     img_pattern, label_pattern = lay.img_dir.format(split=split), lay.label_dir.format(split=split)
     where = f"a prepared {dataset} tree has ROOT/{lay.img_dir}/**/*{lay.img_suffix} and ROOT/{lay.label_dir}/**/*{lay.label_suffix}"
     img_dirs = sorted(p for p in root.glob(img_pattern) if p.is_dir()) if "*" in img_pattern else [root / img_pattern]
@@ -85,7 +98,7 @@ def find_samples(root: str | Path, # the prepared dataset root
     if not labels: return [(img, None if lab in set(missing) else lab) for img, lab in pairs]
     if missing:
         raise DataPrepError(f"{dataset}: {len(missing)} of {len(pairs)} images have no train-id label, e.g. {missing[0]}; "
-                            f"write them with `{PREPARE_COMMANDS[dataset].format(root=root)}`")
+                            f"write them with `{PREPARE_COMMANDS.get(dataset, HRDA_PREPARE).format(dataset=dataset, root=root)}`")
     return pairs
 
 # %% ../nbs/01a_datasets.ipynb #dd6ff488
