@@ -138,6 +138,11 @@ class OptimOptions:
     weight_decay: float = field(default=0.01, metadata=allowed('>= 0'))  # AdamW decoupled weight decay
     warmup_iters: int = field(default=1500, metadata=allowed('>= 0'))  # linear warm-up length
     poly_power: float = field(default=1.0, metadata=allowed('>= 0'))  # poly decay exponent
+    lr_schedule: Literal["poly", "linear"] = "poly"  # poly × linear warm-up (HRDA), or a ramp from warmup_ratio to 1, then the line 1 − t/iters (VFM-UDA)
+    warmup_ratio: float = field(default=1e-6, metadata=allowed('[0, 1]'))  # the warm-up starts at this fraction of the learning rate (VFM-UDA: 1e-3)
+    optim_groups: Literal["daformer", "layerwise"] = "daformer"  # heads × 10 and no decay on norms (HRDA), or heads × 1, the encoder × backbone_lr_mult with layer_decay, decay on all (VFM-UDA)
+    backbone_lr_mult: float = field(default=0.1, metadata=allowed('> 0'))  # layerwise: the encoder's multiple of lr
+    layer_decay: float = field(default=1.0, metadata=allowed('(0, 1]'))  # layerwise: per-block decay from the last block down (VFM-UDA 1.0, VFM-UDA++ 0.9)
 
 # %% ../nbs/05c_config.ipynb #ade4ac36
 @dataclass

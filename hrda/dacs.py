@@ -5,6 +5,7 @@
 # %% ../nbs/05_dacs.ipynb #205c6532
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Sequence
@@ -12,7 +13,8 @@ from typing import Any, Literal, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .augment import apply_strong_augment, block_mask, mask_from_grid, strong_augment
+from .augment import WEAK_JITTER, apply_strong_augment, block_mask, mask_from_grid, per_image_augment, strong_augment
+from .vit import masked_tokens
 from .crops import TensorBox
 from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
@@ -47,6 +49,15 @@ class DACSConfig:
     mic_mode: Literal["separatetrgaug", "separate"] = "separatetrgaug"  # MIC input: the colour-augmented target batch, or 'separate': one source + one target image, no augmentation
     mic_block_size: int = field(default=64, metadata=allowed('> 0'))  # b: MIC mask block side in pixels
     mic_mask_ratio: float = field(default=0.7, metadata=allowed('[0, 1)'))  # r: the share of blocks MIC hides
+    mic_mask: Literal["blocks", "tokens"] = "blocks"  # what MIC hides: pixel blocks, or patch tokens replaced by the encoder's mask token (VFM-UDA; DINOv2 encoders)
+    pseudo_flip: bool = False  # VFM-UDA: pseudo-labels from the teacher's softmax averaged with that of the flipped image
+    weak_jitter: bool = False  # VFM-UDA: per-image colour jitter (b 32/255, c 0.5, s 0.5, h 18/360, p 0.9) of the source, and of the target before mixing
+    strong_aug: Literal["dacs", "per_image"] = "dacs"  # jitter and blur of the mixed and MIC images: DACS's (coins shared by the batch) or drawn per image (VFM-UDA)
+    source_ce: Literal["all", "labelled"] = "all"  # the source CE averaged over all pixels (HRDA) or over the labelled ones (VFM-UDA)
+
+    def uses_host_draws(self) -> bool:
+        "Whether a step draws on the host in ways a replayed step cannot fix beforehand (the VFM-UDA options)."
+        return self.pseudo_flip or self.weak_jitter or self.strong_aug != "dacs" or self.mic_mask != "blocks"
 
 # %% ../nbs/05_dacs.ipynb #04b0636a
 def ema_alpha(t: int, # the 0-based iteration
@@ -115,14 +126,16 @@ class PseudoLabels(NamedTuple):
     weight: torch.Tensor  # (B, H, W) float: q × valid mask
     confidence: torch.Tensor  # () q
 
-def pseudo_label(logits: torch.Tensor, # (B, K, H, W) teacher logits
+def pseudo_label(logits: torch.Tensor, # (B, K, H, W) teacher logits (or probabilities, see `probabilities`)
                  threshold: float = 0.968, # τ
                  valid_mask: torch.Tensor | None = None, # (B, H, W) or (B, 1, H, W), 1 where a pseudo-label may be trusted
                  ignore_top: int = 0, # legacy: zero the weight of this many top rows
                  ignore_bottom: int = 0, # legacy: zero the weight of this many bottom rows
+                 probabilities: bool = False, # `logits` are softmax probabilities already (e.g. flip-averaged)
                 ) -> PseudoLabels:
     "Pseudo-labels (argmax), pixel weights q × `valid_mask`, and q."
-    max_prob, label = torch.softmax(logits.detach().float(), dim=1).max(dim=1)
+    probs = logits.detach().float() if probabilities else torch.softmax(logits.detach().float(), dim=1)
+    max_prob, label = probs.max(dim=1)
     q = confidence_weight(max_prob, threshold)
     weight = q * torch.ones_like(max_prob)
     if ignore_top > 0: weight[:, :ignore_top] = 0
@@ -248,7 +261,10 @@ def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
               draws: dict[str, torch.Tensor] | None = None, # made beforehand (`hrda.replay.draw_step`): `generator` unused
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "(masked images, labels, weights) of the MIC pass: the target batch colour-augmented with its own draws, or one source and one target image."
-    if cfg.mic_mode == "separatetrgaug" and draws is not None:
+    if cfg.mic_mode == "separatetrgaug" and cfg.strong_aug == "per_image":
+        m_img, m_gt, m_w = per_image_augment(trg, generator, jitter=(cfg.color_jitter_strength,) * 4, mean=cfg.mean,
+                                             jitter_p=1 - cfg.color_jitter_p, blur_p=0.5 * cfg.blur, std=cfg.std), pseudo_gt, pseudo_weight
+    elif cfg.mic_mode == "separatetrgaug" and draws is not None:
         m_img, m_gt, m_w = apply_strong_augment(trg, _prefixed(draws, "mic."), draws["mean"], draws["std"]), pseudo_gt, pseudo_weight
     elif cfg.mic_mode == "separatetrgaug":
         jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # not ClassMix's coins
@@ -262,6 +278,7 @@ def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
         m_img, m_gt = torch.cat([img[:1], trg[:1]]), torch.cat([gt[:1], pseudo_gt[:1]])
         m_w = torch.cat([torch.ones_like(pseudo_weight[:1]), pseudo_weight[:1]])  # source pixels weigh 1
     else: raise ValueError(f"unknown mic_mode {cfg.mic_mode!r}; use 'separatetrgaug' or 'separate'")
+    if cfg.mic_mask == "tokens": return m_img, m_gt, m_w  # the encoder hides tokens itself (`masked_tokens`)
     if draws is not None: mask = mask_from_grid(draws["mic.grid"], m_img.shape[-2:], cfg.mic_mask_ratio)
     else: mask = block_mask((m_img.shape[0], *m_img.shape[-2:]), cfg.mic_block_size, cfg.mic_mask_ratio, generator, m_img.device)
     return m_img * mask.to(m_img.dtype), m_gt, m_w
@@ -310,6 +327,9 @@ def dacs_step(student: nn.Module, # the segmentor being trained
                          "for source-only training pass cfg=DACSConfig(self_training=False)")
     img, gt = batch["img"], batch["gt"]
     gt = gt[:, 0] if gt.ndim == 4 else gt
+    if draws is not None and cfg.uses_host_draws():
+        raise ValueError("pseudo_flip, weak_jitter, strong_aug=per_image and mic_mask=tokens draw per image while the step "
+                         "runs, which a replayed step cannot: train with step_mode=eager")
     capturing = img.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph keeps no autocast cache
     amp = lambda: torch.autocast(img.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not capturing)
     backward = lambda loss, **kw: (scaler.scale(loss) if scaler is not None else loss).backward(**kw)
@@ -323,8 +343,15 @@ def dacs_step(student: nn.Module, # the segmentor being trained
     elif cfg.self_training: logs["ema_alpha"] = ema_step_(teacher, student, t, cfg.alpha)
     if draws is None: jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # 2. shared coins
     fd = imnet is not None and cfg.fd_lambda > 0
-    with amp(): src = _train_forward(student, img, gt, None, generator=generator, box=_drawn_box(student, draws, "src_box"),
-                                     return_features=fd, **extra)
+    aug = lambda x, jitter, p, blur_p=0.0: per_image_augment(x, generator, jitter=jitter, jitter_p=p, blur_p=blur_p,
+                                                             mean=cfg.mean, std=cfg.std)
+    src_img = aug(img, WEAK_JITTER, 0.9) if cfg.weak_jitter else img
+    src_w = None
+    if cfg.source_ce == "labelled":  # the mean over labelled pixels, as a weight on the mean over all of them
+        labelled = (gt != IGNORE_INDEX).float()
+        src_w = labelled * (labelled.numel() / labelled.sum().clamp(min=1))
+    with amp(): src = _train_forward(student, src_img, gt, src_w, generator=generator,
+                                     box=_drawn_box(student, draws, "src_box"), return_features=fd, **extra)
     if not fd: backward(src["loss"])  # 3. source pass
     logs.update({f"decode.{k}": v for k, v in src["logs"].items()})
     debug: dict[str, Any] = dict(src_img=img, src_gt=gt, src_maps=src.get("maps"))
@@ -341,13 +368,20 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         trg = batch["target_img"]
         teacher_mode_(teacher)  # 5. pseudo-labels: BN on batch statistics, no dropout
         slide = {} if cfg.pseudo_label_overlapping is None else {"hr_slide_overlapping": cfg.pseudo_label_overlapping}
-        with torch.no_grad(), amp(): trg_logits = teacher.encode_decode(trg, **slide)
+        with torch.no_grad(), amp():
+            trg_logits = teacher.encode_decode(trg, **slide)
+            if cfg.pseudo_flip:  # the mean of the two softmaxes (VFM-UDA's flip test-time augmentation)
+                flipped = teacher.encode_decode(trg.flip(-1), **slide).float().softmax(1).flip(-1)
+                trg_logits = (trg_logits.float().softmax(1) + flipped) / 2
         pl, pw, q = pseudo_label(trg_logits, cfg.pseudo_threshold, batch.get("valid_pseudo_mask"),
-                                 cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom)
+                                 cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom, probabilities=cfg.pseudo_flip)
         if draws is not None: masks = classmix_masks_from(gt, draws["classmix"])  # 6. ClassMix from the source labels
         else: masks = classmix_masks(gt, generator, batch.get("source_classes"))
-        mix_img, mix_gt, mix_w = mix_batch(masks, img, trg, gt, pl, pw)  # 7. mix, then jitter and blur
+        mix_img, mix_gt, mix_w = mix_batch(masks, img, aug(trg, WEAK_JITTER, 0.9) if cfg.weak_jitter else trg,
+                                           gt, pl, pw)  # 7. mix, then jitter and blur
         if draws is not None: mix_img = apply_strong_augment(mix_img, _prefixed(draws, "mix."), draws["mean"], draws["std"])
+        elif cfg.strong_aug == "per_image":
+            mix_img = aug(mix_img, (cfg.color_jitter_strength,) * 4, 1 - cfg.color_jitter_p, 0.5 * cfg.blur)
         else: mix_img = strong_augment(mix_img, generator, jitter_coin=jitter_coin, blur_coin=blur_coin,
                                        strength=cfg.color_jitter_strength, jitter_p=cfg.color_jitter_p, blur=cfg.blur,
                                        mean=cfg.mean, std=cfg.std)
@@ -361,7 +395,8 @@ def dacs_step(student: nn.Module, # the segmentor being trained
         del mixed
         if cfg.mic_lambda > 0:  # 9. masked image consistency: the same pseudo-label, a masked image
             m_img, m_gt, m_w = mic_batch(img, gt, trg, pl, pw, generator, cfg, draws)
-            with amp(): masked = _train_forward(student, m_img, m_gt, m_w, generator=generator,
+            hide = masked_tokens(student, cfg.mic_mask_ratio, generator) if cfg.mic_mask == "tokens" else contextlib.nullcontext()
+            with amp(), hide: masked = _train_forward(student, m_img, m_gt, m_w, generator=generator,
                                                 box=_drawn_box(student, draws, "mic_box"), **extra)
             backward(cfg.mic_lambda * masked["loss"])
             logs.update({f"masked.decode.{k}": v for k, v in masked["logs"].items()})

@@ -5,14 +5,16 @@
 # %% ../nbs/05a_optim.ipynb #5d8e77ce
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
+from .vit import layerwise_lr_mult, vit_layer_of
+
 # %% auto #0
-__all__ = ['CUSTOM_KEYS', 'param_multipliers', 'param_groups', 'build_optimizer', 'set_capturable_', 'lr_at', 'set_lr_',
-           'poly_warmup_scheduler']
+__all__ = ['CUSTOM_KEYS', 'param_multipliers', 'param_groups', 'layerwise_param_groups', 'build_optimizer', 'set_capturable_',
+           'lr_at', 'set_lr_', 'poly_warmup_scheduler']
 
 # %% ../nbs/05a_optim.ipynb #316669b7
 CUSTOM_KEYS: tuple[tuple[str, float, float], ...] = (
@@ -45,6 +47,26 @@ def param_groups(model: nn.Module, # the student segmentor
         g["params"].append((name, p))  # torch keeps the names as the group's 'param_names'
     return list(groups.values())
 
+def layerwise_param_groups(model: nn.Module, # the student segmentor with a ViT encoder (`backbone.depth` blocks)
+                           lr: float = 1.4142e-4, # the heads' learning rate
+                           weight_decay: float = 0.01, # on every parameter
+                           backbone_lr_mult: float = 0.1, # the encoder's multiple of `lr`
+                           layer_decay: float = 1.0, # per-block decay from the last block down (1: none)
+                          ) -> list[dict]:
+    "VFM-UDA's groups: heads at `lr`, encoder block i at lr·mult·decay^(L−1−i), its embeddings and final norm at lr·mult·decay^L."
+    depth = getattr(getattr(model, "backbone", None), "depth", None)
+    if depth is None:
+        raise ValueError(f"layer-wise learning rates need a ViT encoder (backbone=dinov2_* or vit_tiny14), not "
+                         f"{type(getattr(model, 'backbone', model)).__name__}; use optim_groups=daformer")
+    groups: dict[float, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad: continue
+        inner = name.removeprefix("backbone.")
+        mult = backbone_lr_mult * layerwise_lr_mult(vit_layer_of(inner, depth), depth, layer_decay) if inner != name else 1.0
+        g = groups.setdefault(mult, dict(params=[], lr=lr * mult, weight_decay=weight_decay, lr_mult=mult, decay_mult=1.0))
+        g["params"].append((name, p))
+    return list(groups.values())
+
 def build_optimizer(model: nn.Module, # the student segmentor (only its trainable parameters are optimised)
                     lr: float = 6e-5, # base learning rate (heads get `lr` × 10)
                     weight_decay: float = 0.01, # decoupled weight decay (0 for backbone norms)
@@ -52,9 +74,14 @@ def build_optimizer(model: nn.Module, # the student segmentor (only its trainabl
                     eps: float = 1e-8, # Adam epsilon
                     custom_keys: Sequence[tuple[str, float, float]] = CUSTOM_KEYS, # see `param_multipliers`
                     capturable: bool = False, # learning rates as device tensors, so that a CUDA graph can replay the step
+                    rule: Literal["daformer", "layerwise"] = "daformer", # `param_groups` or `layerwise_param_groups`
+                    backbone_lr_mult: float = 0.1, # layerwise: the encoder's multiple of `lr`
+                    layer_decay: float = 1.0, # layerwise: the per-block decay
                    ) -> torch.optim.AdamW:
-    "The AdamW optimiser of HRDA/DAFormer with the parameter-wise rules of `param_groups`."
-    groups = param_groups(model, lr, weight_decay, custom_keys)
+    "The AdamW optimiser of HRDA/DAFormer (`param_groups`) or of VFM-UDA (`layerwise_param_groups`)."
+    if rule == "layerwise": groups = layerwise_param_groups(model, lr, weight_decay, backbone_lr_mult, layer_decay)
+    elif rule == "daformer": groups = param_groups(model, lr, weight_decay, custom_keys)
+    else: raise ValueError(f"unknown parameter-group rule {rule!r}; use 'daformer' or 'layerwise'")
     if not groups: raise ValueError("the model has no trainable parameters; did you pass the teacher instead of the student?")
     device = groups[0]["params"][0][1].device.type
     fused = device in ("cpu", "cuda", "mps")  # one kernel for all tensors, and no per-tensor step count read back to the host
@@ -79,9 +106,14 @@ def lr_at(t: int, # the 0-based iteration about to run
           warmup_ratio: float = 1e-6, # warm-up starts at this fraction of the poly value
           power: float = 1.0, # poly exponent
           min_lr: float = 0.0, # poly floor
+          schedule: Literal["poly", "linear"] = "poly", # poly × warm-up (HRDA), or VFM-UDA's ramp then line
          ) -> float:
-    "The learning rate of iteration `t`: poly decay, multiplied by a linear warm-up for `t < warmup_iters`."
+    "The learning rate of iteration `t`: poly decay × a linear warm-up, or (linear) a ramp from warmup_ratio to 1, then 1 − t/T."
     if not 0 <= t <= max_iters: raise ValueError(f"iteration {t} is outside [0, max_iters={max_iters}]")
+    if schedule == "linear":  # the ramp reaches 1 at warmup_iters − 1; the line is anchored at t = 0, not at the ramp's end
+        if t < warmup_iters: return base_lr * (warmup_ratio + (1 - warmup_ratio) * t / max(1, warmup_iters - 1))
+        return base_lr * (1 - t / max_iters)
+    if schedule != "poly": raise ValueError(f"unknown schedule {schedule!r}; use 'poly' or 'linear'")
     lr = (base_lr - min_lr) * (1 - t / max_iters) ** power + min_lr
     if t < warmup_iters:
         lr *= 1 - (1 - t / warmup_iters) * (1 - warmup_ratio)
@@ -96,9 +128,10 @@ def set_lr_(optimizer: torch.optim.Optimizer, # groups made by `param_groups` (e
             warmup_ratio: float = 1e-6,
             power: float = 1.0,
             min_lr: float = 0.0,
+            schedule: Literal["poly", "linear"] = "poly", # see `lr_at`
            ) -> float:
     "Set every group's lr for iteration `t` (stateless, so resuming needs no scheduler state); return group 0's lr."
-    lrs = [lr_at(t, base_lr * g.get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr)
+    lrs = [lr_at(t, base_lr * g.get("lr_mult", 1.0), max_iters, warmup_iters, warmup_ratio, power, min_lr, schedule)
            for g in optimizer.param_groups]
     for g, lr in zip(optimizer.param_groups, lrs):
         if isinstance(g["lr"], torch.Tensor): g["lr"].fill_(lr)  # in place: a captured step reads this tensor

@@ -239,6 +239,9 @@ def train(cfg: TrainConfig, # the run
                                      or cfg.backbone_kwargs.get("grad_checkpoint")):
         raise ConfigError(f"step_mode=graph needs one CUDA device, fp32, tf32 or bf16 and no activation checkpointing "
                           f"(here {device.type}, {world} process(es), {cfg.precision}); use step_mode=replay or eager")
+    if cfg.step_mode != "eager" and narrow(DACSConfig, cfg).uses_host_draws():
+        raise ConfigError(f"pseudo_flip, weak_jitter, strong_aug=per_image and mic_mask=tokens draw per image while the "
+                          f"step runs, which step_mode={cfg.step_mode} cannot replay: use step_mode=eager")
     main, out = rank == 0, run_dir(cfg)
     if main: FolderLock(out).check()  # a folder another live process writes: refused before anything is read
     ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
@@ -265,9 +268,12 @@ def _train_locked(cfg: TrainConfig, stop_after: int | None, device, rank: int, w
         imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval()
         hold_in_dtype_(imnet, autocast_dtype(cfg.precision, device))  # frozen: cast once, not at every forward
     elif cfg.fd_lambda > 0 and main: log.info("feature distance disabled: it needs ImageNet weights (set pretrained)")
-    student = wrap_ddp(student, device, find_unused_parameters=cfg.fixed_attention is not None)
+    # a fixed attention leaves the attention head unused; a DINOv2 encoder's mask token only serves a token-masked pass
+    unused = cfg.fixed_attention is not None or hasattr(student.backbone, "mask_token")
+    student = wrap_ddp(student, device, find_unused_parameters=unused)
     capturable = cfg.step_mode != "eager"  # the learning rates as device tensors, as a graph reads them
-    optimizer = build_optimizer(unwrap(student), cfg.lr, cfg.weight_decay, capturable=capturable)
+    optimizer = build_optimizer(unwrap(student), cfg.lr, cfg.weight_decay, capturable=capturable, rule=cfg.optim_groups,
+                                backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     generator = make_generator(cfg.seed, "train", rank)
     start, evals, seconds = 0, [], 0.0
@@ -308,7 +314,8 @@ def _train_locked(cfg: TrainConfig, stop_after: int | None, device, rank: int, w
     with stopper:
         for t, batch in zip(range(start, stop), loader):
             batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, power=cfg.poly_power)
+            lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power,
+                         schedule=cfg.lr_schedule)
             if replay is not None: out_t = replay(batch, t, generator)
             else: out_t = dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler)
             pending.append((t, average_logs(out_t.logs)))
