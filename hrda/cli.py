@@ -50,7 +50,7 @@ def _model_args(p: argparse.ArgumentParser):
     "The arguments that choose a model, shared by evaluate and predict."
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="training checkpoint, e.g. reports/<exp>/<run>/checkpoints/latest.pth")
-    src.add_argument("--released", metavar="PATH", help="released HRDA/DAFormer checkpoint (mmseg keys); needs --config")
+    src.add_argument("--released", metavar="PATH", help="released checkpoint: HRDA/DAFormer/MIC (mmseg keys) or VFM-UDA (.ckpt); needs --config")
     p.add_argument("--config", metavar="YAML", help="experiment config the released checkpoint was trained with")
     p.add_argument("--teacher", action="store_true", help="use the EMA teacher instead of the student")
     p.add_argument("--scale", type=parse_scale, default="config",

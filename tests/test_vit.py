@@ -216,3 +216,42 @@ def test_hrda_on_a_vit_refuses_crops_that_do_not_divide_into_patches():
     with pytest.raises(ValueError, match=r"detail crop \(hr_crop_size\).*\(48, 48\)"):
         vit_hrda(hr_crop_size=(48, 48)).forward_train(torch.randn(2, 3, 112, 112), torch.randint(0, 4, (2, 112, 112)),
                                                       generator=torch.Generator())
+
+
+def vfm_uda_lightning_file(path, student, teacher):
+    "A VFM-UDA Lightning checkpoint written from two of our single-scale models, under the release's key names."
+    def network(model, prefix):
+        out = {}
+        for k, v in model.state_dict().items():
+            if k == "backbone.mask_token": out[prefix + "encoder.mask_token"] = v  # the original (1, D) token
+            elif k.startswith("backbone.vit."): out[prefix + "encoder." + k[len("backbone.vit."):]] = v
+            elif k.startswith("decode_head.upscale."): out[prefix + k[len("decode_head."):]] = v
+            elif k == "decode_head.conv_seg.weight": out[prefix + "out.weight"] = v
+            else: raise AssertionError(f"no VFM-UDA name for {k}")
+        return out
+    torch.save({"epoch": 0, "global_step": 40000, "pytorch-lightning_version": "2.0.3",
+                "state_dict": {**network(student, "network."), **network(teacher, "network_ema.")}}, path)
+    return path
+
+
+def test_a_released_vfm_uda_checkpoint_loads_student_or_teacher(tmp_path):
+    "The published VFM-UDA models load as --released: encoder, head and classifier, strict, predicting as they did."
+    from hrda.predict import load_model
+    from hrda.released import ReleasedCheckpointError, load_released_checkpoint
+    from hrda.segmentor import SegmentorConfig, build_segmentor
+    cfg = SegmentorConfig(backbone="vit_tiny14", backbone_kwargs={**SMALL, "input_scale": 1.1}, head="lightweight",
+                          single_scale=1.0, num_classes=19, test_mode="whole")
+    student, teacher = (randomise_(build_segmentor(cfg), seed).eval() for seed in (1, 2))
+    path = vfm_uda_lightning_file(tmp_path / "vfmuda_base_gta2city.ckpt", student, teacher)
+    x = torch.randn(1, 3, 64, 96)
+    for which, want in (("student", student), ("teacher", teacher)):
+        fresh = build_segmentor(cfg).eval()
+        report = load_released_checkpoint(fresh, path, which, strict=True, log=False)
+        assert report.loaded == len(want.state_dict()) and report.ignored == len(want.state_dict())
+        with torch.no_grad(): torch.testing.assert_close(fresh.inference(x), want.inference(x), atol=0, rtol=0)
+    with pytest.raises(ReleasedCheckpointError, match="VFM-UDA checkpoint: it holds a student and a teacher, no imnet"):
+        load_released_checkpoint(build_segmentor(cfg), path, "imnet", log=False)
+    (tmp_path / "run.yaml").write_text("backbone: vit_tiny14\nbackbone_kwargs: {embed_dim: 96, depth: 2, num_heads: 3, "
+                                       "input_scale: 1.1}\nhead: lightweight\nsingle_scale: 1.0\nhr_crop_size: null\ntest_mode: whole\n")
+    loaded = load_model(path, tmp_path / "run.yaml", log=False)
+    with torch.no_grad(): torch.testing.assert_close(loaded.model.inference(x), student.inference(x), atol=0, rtol=0)
