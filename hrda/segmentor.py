@@ -50,6 +50,7 @@ class SegmentorConfig:
     test_mode: Literal["slide", "whole"] = "slide"  # outer test inference: sliding windows or the whole image at once
     test_crop_size: tuple[int, int] = field(default=(1024, 1024), metadata=allowed('> 0'))  # outer test window (h, w), input pixels
     test_stride: tuple[int, int] = field(default=(512, 512), metadata=allowed('> 0'))  # outer test stride (sy, sx)
+    test_average: Literal["logits", "probabilities"] = "logits"  # what overlapping outer windows average: logits (HRDA) or softmax probabilities (VFM-UDA)
 
     def __post_init__(self):
         check_ranges(self)
@@ -230,7 +231,11 @@ class EncoderDecoder(nn.Module):
         x = _pad_to(img, (max(H, ch), max(W, cw)))
         boxes = slide_boxes(x.shape[-2:], (ch, cw), stride)
         maps = fn(crop_windows(x, boxes))
-        return {k: stitch_windows(v, boxes, x.shape[-2:])[..., :H, :W] for k, v in maps.items()}
+        probs = self.cfg.test_average == "probabilities"
+        if probs: maps["fused"] = maps["fused"].softmax(1)
+        out = {k: stitch_windows(v, boxes, x.shape[-2:])[..., :H, :W] for k, v in maps.items()}
+        if probs: out["fused"] = out["fused"].clamp_min(torch.finfo(out["fused"].dtype).tiny).log()  # softmax: the average
+        return out
 
     def inference(self, img: torch.Tensor, # (B, 3, H, W) normalised full image, any size
                   mode: Literal["slide", "whole"] | None = None, # default cfg.test_mode

@@ -146,3 +146,26 @@ def test_vit_run_resumes_bit_for_bit(synth, tmp_path):
     for part in ("student", "teacher", "optimizer"):
         assert tensors_equal(a[part], b[part]), f"{part} differs after stop + resume"
     assert len(a["optimizer"]["param_groups"]) == 2 and a["optimizer"]["state"]
+
+
+@pytest.mark.parametrize("single_scale", [1.0, None], ids=["single-scale", "hrda"])
+def test_slide_test_can_average_probabilities(single_scale):
+    "VFM-UDA's test: the softmax of each 64-px window (stride 32) averaged by overlap count; label maps from it."
+    from hrda.segmentor import tiny_segmentor
+    kw = dict(single_scale=single_scale, test_mode="slide", test_crop_size=(64, 64), test_stride=(32, 32))
+    def sharpened(model):  # logits far from zero, where averaging probabilities and logits differ
+        with torch.no_grad(): model.decode_head.conv_seg.weight.mul_(100)
+        return model.eval()
+    model = sharpened(tiny_segmentor(test_average="probabilities", **kw))
+    x = torch.randn(1, 3, 64, 128, generator=make_generator(0))
+    with torch.no_grad():
+        got = model.inference(x).exp()
+        want, count = torch.zeros(1, 4, 64, 128), torch.zeros(1, 1, 64, 128)
+        for left in (0, 32, 64):
+            want[..., left:left + 64] += model.encode_decode(x[..., left:left + 64]).softmax(1)
+            count[..., left:left + 64] += 1
+        torch.testing.assert_close(got, want / count, atol=1e-6, rtol=1e-5)
+        logits = sharpened(tiny_segmentor(**kw)).inference(x)  # the same weights, logits averaged instead
+        assert not torch.allclose(logits.softmax(1), got, atol=1e-3)
+        scales = model.predict_scales(x)["fused"]  # the label maps of `hrda predict --show-scales` agree
+        assert torch.equal(scales.argmax(1), model.inference(x).argmax(1))
