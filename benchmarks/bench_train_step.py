@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_model import _cpu_peak_mb, _reset_cpu_peak, _sync  # noqa: E402
+from flops import flop_counter  # noqa: E402
 from hrda.config import TrainConfig, load_config, narrow  # noqa: E402
 from hrda.core import autocast_dtype, get_device, make_generator  # noqa: E402
 from hrda.files import write_json, write_text  # noqa: E402
@@ -108,7 +108,8 @@ def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: b
     if compile:
         for m in (student, teacher) + ((imnet,) if imnet is not None else ()):
             compile_regions(m)
-    optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay, capturable=step_mode != "eager")
+    optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay, capturable=step_mode != "eager", rule=cfg.optim_groups,
+                                backbone_lr_mult=cfg.backbone_lr_mult, layer_decay=cfg.layer_decay)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     g = make_generator(0)
     dcfg = narrow(DACSConfig, cfg)
@@ -144,7 +145,7 @@ def bench_train(cfg: TrainConfig, device: torch.device, precision: str, compile:
     peak = peak_mb(device)  # of training alone: the FLOP count below holds extra references
     flops = None
     if count_flops:
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()  # torch's own count of grouped-conv backward is `groups` times too high
         with counter:
             step(warmup + iters)
         flops = counter.get_total_flops()

@@ -101,3 +101,29 @@ def test_replayed_steps_device_part_reads_nothing_back(monkeypatch):
     real = hrda.dacs.pseudo_label
     monkeypatch.setattr(hrda.dacs, "pseudo_label", lambda *a, **k: (lambda out: (out[0].sum().item(), out)[1])(real(*a, **k)))
     assert count_ops.main(cfg_args)["step"]["host reads"] == 1  # a planted read inside the step is seen there
+
+
+def test_flop_counter_counts_grouped_convolution_gradients_once():
+    "Each gradient of a convolution costs its forward, grouped or not (torch 2.14 counts a grouped one `groups` times)."
+    import torch
+    from flops import conv_flops, flop_counter
+    for conv, x in ((torch.nn.Conv2d(64, 64, 3, padding=1, groups=64), torch.randn(2, 64, 8, 8, requires_grad=True)),
+                    (torch.nn.Conv2d(32, 48, 3, padding=1, groups=4), torch.randn(2, 32, 8, 8, requires_grad=True)),
+                    (torch.nn.ConvTranspose2d(16, 8, 2, 2), torch.randn(2, 16, 8, 8, requires_grad=True))):
+        with flop_counter() as counter:
+            y = conv(x)
+            forward = counter.get_total_flops()
+            y.sum().backward()
+        transposed = isinstance(conv, torch.nn.ConvTranspose2d)
+        assert forward == conv_flops(x.shape, conv.weight.shape, y.shape, transposed) == 2 * x.shape[0] * (
+            x.shape[2] * x.shape[3] if transposed else y.shape[2] * y.shape[3]) * conv.weight.numel()
+        assert counter.get_total_flops() == 3 * forward  # the input's and the weight's gradient
+
+
+def test_cost_benchmark_counts_an_experiment_on_the_meta_device(tmp_path):
+    import bench_cost
+    result = bench_cost.main(["--experiments", "synth_hrda", "--ops-crop", "64", "--infer-size", "128", "256",
+                              "--out", str(tmp_path)])
+    row = result["rows"][0]
+    assert row["hrda"] and row["tflop_per_iter"] > 0 and row["operators_per_iter"] > 0 and row["test_encoder_passes"] > 0
+    assert "| synth_hrda |" in (tmp_path / "cost_cpu.md").read_text() and str(tmp_path) not in result["command"]
