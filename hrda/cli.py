@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="hrda", description="HRDA / DAFormer domain-adaptive semantic segmentation.")
     p.add_argument("--version", action="version", version=f"hrda {hrda.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, text in (("prepare", "convert a downloaded dataset's labels: hrda prepare {gta,synthia,cityscapes,custom} ROOT"),
+    for name, text in (("prepare", f"convert a downloaded dataset's labels: hrda prepare {{{','.join(DATASETS)}}} ROOT"),
                        ("synth", "write the synthetic benchmark: hrda synth OUT_DIR [--n-source N ...]"),
                        ("train", "train a model: hrda train --config experiments/<name>.yaml [--set key=value ...]"),
                        ("demo", "source-only, DAFormer and HRDA on the synthetic benchmark: hrda demo [--seeds 0 1 2]"),

@@ -117,6 +117,7 @@ class DataOptions:
     val_split: str = field(default="val", metadata=RUN_ONLY)  # target split evaluated during training
     source_scale: tuple[int, int] | None = field(default=(2560, 1440), metadata=allowed('> 0'))  # keep-ratio resize (long, short) of source images; None: as is
     target_scale: tuple[int, int] | None = field(default=(2048, 1024), metadata=allowed('> 0'))  # the same for target images (training and evaluation)
+    scale_jitter: tuple[float, float] | None = field(default=None, metadata=allowed('> 0'))  # training only: a random factor U(lo, hi) on both resizes (VFM-UDA: [0.9, 1.1]); None: none
     crop_size: tuple[int, int] = field(default=(1024, 1024), metadata=allowed('> 0'))  # context crop (h, w) at full resolution
     cat_max_ratio: float = field(default=0.75, metadata=allowed('(0, 1]'))  # source crop re-draws while one class covers more than this share
     pseudo_margins: tuple[int, int, int, int] | None = field(default=(30, 240, 30, 30), metadata=allowed('>= 0'))  # untrusted target rows/cols (top, bottom, left, right)
@@ -125,6 +126,7 @@ class DataOptions:
     rcs_temperature: float = field(default=0.01, metadata=allowed('> 0'))  # T: class-sampling temperature (smaller: rare classes more often)
     rcs_min_pixels: int = field(default=3000, metadata=allowed('>= 0'))  # files qualify for a class above this pixel count
     rcs_min_crop_ratio: float = field(default=2.0, metadata=allowed('>= 0'))  # crops are re-drawn until they hold min_pixels × this of the class
+    rcs_max_reloads: int = field(default=10, metadata=allowed('>= 0'))  # re-draws at most (the last is kept); VFM-UDA: 20
     batch_size: int = field(default=2, metadata=allowed('> 0'))  # source (and target) images per iteration and process
     workers: int = field(default=1, metadata=RUN_ONLY | allowed('>= 0'))  # data-loading processes per training process (0: in the main process)
     cache_images: bool = field(default=False, metadata=RUN_ONLY)  # keep decoded training images in memory in each loader process (small datasets only)

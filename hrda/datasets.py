@@ -129,6 +129,7 @@ class PipelineConfig:
     cat_max_ratio: float = 1.0  # < 1: re-draw the crop while one class covers >= this share (source only)
     flip_prob: float = 0.5  # probability of a horizontal flip
     pseudo_margins: tuple[int, int, int, int] | None = None  # (top, bottom, left, right) untrusted rows/cols, original size
+    scale_jitter: tuple[float, float] | None = None  # a factor U(lo, hi) on the resized size, drawn first (VFM-UDA: 0.9, 1.1)
     mean: tuple[float, float, float] = MEAN  # normalisation, RGB
     std: tuple[float, float, float] = STD
 
@@ -200,8 +201,12 @@ def train_transform(img: np.ndarray, # (H0, W0, 3) uint8 RGB
     "A training sample: `img` (3, h, w), `gt` (h, w), `valid_pseudo_mask` (h, w) and `meta`, with (h, w) = crop size."
     h0, w0 = label.shape
     mask = margin_mask(h0, w0, cfg.pseudo_margins) if cfg.pseudo_margins is not None else np.ones((h0, w0), np.uint8)
-    if cfg.scale is not None and rescale_size(w0, h0, cfg.scale) != (w0, h0):
-        size = rescale_size(w0, h0, cfg.scale)
+    size = rescale_size(w0, h0, cfg.scale) if cfg.scale is not None else (w0, h0)
+    if cfg.scale_jitter is not None:
+        lo, hi = cfg.scale_jitter
+        r = lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+        size = (int(size[0] * r + 0.5), int(size[1] * r + 0.5))
+    if size != (w0, h0):
         img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
         label, mask = (cv2.resize(a, size, interpolation=cv2.INTER_NEAREST) for a in (label, mask))
     h, w = label.shape

@@ -79,13 +79,14 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, ValDataset]:
     "The training pairs (source only when not self-training) and the target validation set of `cfg`."
     src = SegDataset(cfg.source_root, cfg.source, "train", role="source", seed=cfg.seed, cache=cfg.cache_images,
                      num_classes=cfg.num_classes,
-                     pipeline=PipelineConfig(scale=cfg.source_scale, crop_size=cfg.crop_size, cat_max_ratio=cfg.cat_max_ratio))
+                     pipeline=PipelineConfig(scale=cfg.source_scale, crop_size=cfg.crop_size, cat_max_ratio=cfg.cat_max_ratio,
+                                             scale_jitter=cfg.scale_jitter))
     trg = None
     if cfg.self_training:
         trg = SegDataset(cfg.target_root, cfg.target, "train", role="target", seed=cfg.seed, cache=cfg.cache_images,
                          pipeline=PipelineConfig(scale=cfg.target_scale, crop_size=cfg.crop_size,
-                                                 pseudo_margins=cfg.pseudo_margins))
-    rcs = RCSConfig(cfg.rcs_temperature, cfg.rcs_min_pixels, cfg.rcs_min_crop_ratio) if cfg.rcs else None
+                                                 pseudo_margins=cfg.pseudo_margins, scale_jitter=cfg.scale_jitter))
+    rcs = RCSConfig(cfg.rcs_temperature, cfg.rcs_min_pixels, cfg.rcs_min_crop_ratio, cfg.rcs_max_reloads) if cfg.rcs else None
     pairs = UDADataset(src, trg, rcs, seed=cfg.seed)
     top = max(pairs.sampler.classes + pairs.sampler.dropped) if pairs.sampler is not None else -1
     if top >= cfg.num_classes:  # the class statistics show it before any label is read

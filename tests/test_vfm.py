@@ -169,3 +169,19 @@ def test_slide_test_can_average_probabilities(single_scale):
         assert not torch.allclose(logits.softmax(1), got, atol=1e-3)
         scales = model.predict_scales(x)["fused"]  # the label maps of `hrda predict --show-scales` agree
         assert torch.equal(scales.argmax(1), model.inference(x).argmax(1))
+
+
+def test_scale_jitter_draws_a_resize_factor_per_sample():
+    "GTA's 1914x1052 frame at short side 1440, times U(0.9, 1.1): drawn from the sample's generator, first."
+    import numpy as np
+    from hrda.datasets import PipelineConfig, train_transform
+    img, label = np.zeros((1052, 1914, 3), np.uint8), np.zeros((1052, 1914), np.uint8)
+    cfg = PipelineConfig(scale=(4096, 1440), crop_size=(64, 64), scale_jitter=(0.9, 1.1))
+    shapes = [train_transform(img, label, cfg, make_generator(s))["meta"]["img_shape"] for s in range(40)]
+    heights = [h for h, _ in shapes]
+    assert all(1296 <= h <= 1584 for h in heights) and max(heights) - min(heights) > 150
+    assert all(abs(w / h - 1914 / 1052) < 2e-3 for h, w in shapes)  # the aspect ratio is kept
+    again = train_transform(img, label, cfg, make_generator(3))["meta"]["img_shape"]
+    assert again == shapes[3]
+    plain = PipelineConfig(scale=(4096, 1440), crop_size=(64, 64))
+    assert train_transform(img, label, plain, make_generator(0))["meta"]["img_shape"] == (1440, 2620)
