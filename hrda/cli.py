@@ -17,7 +17,7 @@ from .core import ConfigError
 # %% auto #0
 __all__ = ['DATASETS', 'EVALUATE_EPILOG', 'DELEGATED', 'USER_ERRORS', 'USAGE_ERRORS', 'parse_scale', 'count', 'build_parser',
            'cmd_evaluate', 'cmd_predict', 'cmd_train', 'cmd_synth', 'cmd_prepare', 'cmd_demo', 'cmd_ablations',
-           'cmd_fingerprint', 'main']
+           'cmd_export', 'cmd_fingerprint', 'main']
 
 # %% ../nbs/09_cli.ipynb #81a28ab9
 DATASETS: tuple[str, ...] = ("gta", "synthia", "cityscapes", "custom", "acdc", "darkzurich",  # kinds `hrda prepare` converts
@@ -46,10 +46,14 @@ def count(text: str) -> int:
     if n < 0: raise argparse.ArgumentTypeError(f"invalid count {text!r}: use an integer >= 0 (0: all)")
     return n
 
-def _model_args(p: argparse.ArgumentParser):
+def _model_args(p: argparse.ArgumentParser,
+                onnx: bool = False, # predict: also --onnx, a model written by `hrda export`
+               ):
     "The arguments that choose a model, shared by evaluate and predict."
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="training checkpoint, e.g. reports/<exp>/<run>/checkpoints/latest.pth")
+    if onnx: src.add_argument("--onnx", metavar="MODEL.onnx", help="a model written by `hrda export`, run by ONNX Runtime "
+                              "(its own test scale; no --config, --teacher, --scale, --mode, --set, --show-scales, --server)")
     src.add_argument("--released", metavar="PATH", help="released checkpoint: HRDA/DAFormer/MIC (mmseg keys) or VFM-UDA (.ckpt); needs --config")
     p.add_argument("--config", metavar="YAML", help="experiment config the released checkpoint was trained with")
     p.add_argument("--teacher", action="store_true", help="use the EMA teacher instead of the student")
@@ -73,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("prepare", f"convert a downloaded dataset's labels: hrda prepare {{{','.join(DATASETS)}}} ROOT"),
                        ("synth", "write the synthetic benchmark: hrda synth OUT_DIR [--n-source N ...]"),
                        ("train", "train a model: hrda train --config experiments/<name>.yaml [--set key=value ...]"),
+                       ("export", "write a model's inference as ONNX: hrda export --checkpoint PATH --out MODEL.onnx [--size H W]"),
                        ("demo", "source-only, DAFormer and HRDA on the synthetic benchmark: hrda demo [--seeds 0 1 2]"),
                        ("ablations", "the design ablations of the synthetic benchmark: hrda ablations [--only ID ...]"),
                        ("fingerprint", "check today's training against tests/fingerprints.json: hrda fingerprint [--update --why TEXT]")):
@@ -92,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tolerance", type=float, default=0.1, help="allowed |mIoU - expected| in points (default 0.1)")
     pr = sub.add_parser("predict", help="label, colour and overlay PNGs of images (and LR/HR/attention maps)",
                         description="Predict images or a folder of images; unreadable images are reported and skipped.")
-    _model_args(pr)
+    _model_args(pr, onnx=True)
     pr.add_argument("input", help="an image or a folder of images (searched recursively)")
     pr.add_argument("--out", metavar="DIR", required=True, help="output folder (labels/, color/, overlay/, scales/)")
     pr.add_argument("--show-scales", action="store_true", help="also write the LR, HR, attention and fused maps")
@@ -106,7 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/09_cli.ipynb #4057517b
 def _checkpoint_of(args: argparse.Namespace, parser_error: Callable[[str], None]) -> tuple[str, str | None]:
-    "(checkpoint path, config) from --checkpoint / --released --config."
+    "(checkpoint path, config) from --checkpoint / --released --config (or --onnx, which takes no model options)."
+    if getattr(args, "onnx", None):
+        given = [f for f, on in (("--config", args.config), ("--teacher", args.teacher), ("--scale", args.scale != "config"),
+                                 ("--mode", args.mode), ("--set", args.set), ("--show-scales", args.show_scales),
+                                 ("--server", args.server)) if on]
+        if given: parser_error(f"{', '.join(given)} cannot go with --onnx: the exported file fixes the model and its test "
+                               f"scale (export again with other settings)")
+        return args.onnx, None
     if args.released and not args.config:
         parser_error("--released needs --config: the experiment YAML the checkpoint was trained with "
                      "(e.g. experiments/gta2cs_hrda.yaml)")
@@ -133,11 +145,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    "Run `predict_folder` and print the summary; 1 if no image could be read."
-    from hrda.predict import predict_folder
-    s = predict_folder(args.path, args.input, args.out, args.show_scales, args.config, args.teacher, args.scale,
-                       args.device, args.mode, args.alpha, args.set, progress=not args.no_progress,
-                       max_images=args.max_images, server=args.server)
+    "Run `predict_folder` (or, with --onnx, `predict_folder_onnx`) and print the summary; 1 if no image could be read."
+    if args.onnx:
+        from hrda.deploy import predict_folder_onnx
+        s = predict_folder_onnx(args.onnx, args.input, args.out, args.alpha, args.max_images, progress=not args.no_progress)
+    else:
+        from hrda.predict import predict_folder
+        s = predict_folder(args.path, args.input, args.out, args.show_scales, args.config, args.teacher, args.scale,
+                           args.device, args.mode, args.alpha, args.set, progress=not args.no_progress,
+                           max_images=args.max_images, server=args.server)
     print(f"predicted {s['predicted']} of {s['images']} images into {s['out_dir']}")
     for item in s["skipped"]: print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)
     if s["images"] and not s["predicted"]:
@@ -194,6 +210,11 @@ def cmd_ablations(argv: list[str]) -> int:
     from hrda.ablations import ablations_cli
     return ablations_cli(argv)
 
+def cmd_export(argv: list[str]) -> int:
+    "`hrda.export.export_cli` with these arguments: a checkpoint's inference as an ONNX graph."
+    from hrda.export import export_cli
+    return export_cli(argv)
+
 def cmd_fingerprint(argv: list[str]) -> int:
     "`hrda.fingerprint.fingerprint_cli` with these arguments: check or rewrite the committed fingerprints of training."
     from hrda.fingerprint import fingerprint_cli
@@ -201,7 +222,7 @@ def cmd_fingerprint(argv: list[str]) -> int:
 
 DELEGATED: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "synth": cmd_synth, "prepare": cmd_prepare,
                                                     "demo": cmd_demo, "ablations": cmd_ablations,
-                                                    "fingerprint": cmd_fingerprint}
+                                                    "fingerprint": cmd_fingerprint, "export": cmd_export}
 
 # %% ../nbs/09_cli.ipynb #86d9851e
 USER_ERRORS = (ValueError, OSError, FloatingPointError)  # config, checkpoint, data and file errors; NaN losses

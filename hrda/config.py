@@ -135,6 +135,7 @@ class DataOptions:
 class OptimOptions:
     "The optimisation part: where the weights start, iterations and the learning-rate schedule."
     init_from: str | None = field(default=None, metadata=RUN_ONLY)  # a training checkpoint (or run folder) whose student's backbone and decode head start this run
+    distill_from: str | None = field(default=None, metadata=RUN_ONLY)  # a trained run (folder or checkpoint) whose fused predictions on the target crops train this model, instead of self-training
     iters: int = field(default=40000, metadata=allowed('> 0'))  # training iterations
     lr: float = field(default=6e-5, metadata=allowed('> 0'))  # AdamW base learning rate (heads × 10)
     weight_decay: float = field(default=0.01, metadata=allowed('>= 0'))  # AdamW decoupled weight decay

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
 # %% auto #0
 __all__ = ['Box', 'TensorBox', 'box_hw', 'sample_crop_box', 'crop', 'scale_box', 'slide_boxes', 'window_counts', 'crop_windows',
-           'stitch_windows', 'insert_box']
+           'in_chunks', 'stitch_windows', 'insert_box']
 
 # %% ../nbs/02_crops.ipynb #d5980cdb
 Box = tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive
@@ -108,6 +108,15 @@ def crop_windows(x: torch.Tensor, # (B, C, H, W)
                 ) -> torch.Tensor:
     "The `boxes` of every image stacked window-major: (n·B, C, h, w)."
     return torch.cat([crop(x, b) for b in boxes])
+
+def in_chunks(fn: Callable, # a per-sample function of a batch: (m, ...) -> a tensor or a tuple of (m, ...) tensors
+              x: torch.Tensor, # (N, ...) inputs, e.g. the windows of `crop_windows`
+              n: int, # at most this many inputs per call (0: all at once)
+             ) -> Any:
+    "`fn(x)` computed on at most `n` inputs at a time and joined along the batch: the same values, bounded memory."
+    if not n or x.shape[0] <= n: return fn(x)
+    parts = [fn(x[i:i + n]) for i in range(0, x.shape[0], n)]  # slices, not split(): an ONNX export traces them exactly
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else tuple(map(torch.cat, zip(*parts)))
 
 def stitch_windows(windows: torch.Tensor, # (n·B, K, h, w) window-major predictions
                    boxes: Sequence[Box], # n boxes in the pixels of the output map

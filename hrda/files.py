@@ -9,9 +9,10 @@ import json
 import os
 import tempfile
 import typing
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +22,9 @@ from PIL import Image, ImageOps
 from .core import CLASSES, IGNORE_INDEX
 
 # %% auto #0
-__all__ = ['repo_root', 'portable_path', 'resolve_path', 'portable_record', 'atomic_write', 'write_text', 'write_json',
-           'write_yaml', 'save_torch', 'check_writable_dir', 'FolderBusyError', 'FolderLock', 'ImageReadError',
-           'read_image', 'check_label_values', 'read_label']
+__all__ = ['IMAGE_SUFFIXES', 'repo_root', 'portable_path', 'resolve_path', 'portable_record', 'atomic_write', 'write_text',
+           'write_json', 'write_yaml', 'save_torch', 'check_writable_dir', 'FolderBusyError', 'FolderLock',
+           'ImageReadError', 'read_image', 'check_label_values', 'read_label', 'list_images']
 
 # %% ../nbs/00a_files.ipynb #219dfd1d
 def repo_root(start: str | Path | None = None, # where to start looking (default: the current folder)
@@ -256,3 +257,30 @@ def read_label(path: str | Path, # a single-channel 8-bit train-id PNG
                              f"{IGNORE_INDEX} ignored): convert the dataset with `hrda prepare`")
     label = label.astype(np.uint8, copy=False)
     return label if num_classes is None else check_label_values(label, num_classes, path)
+
+# %% ../nbs/00a_files.ipynb #6b2f8d34
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+def list_images(inputs: str | Path | Sequence[str | Path], # an image file, a folder searched recursively, or a list of files
+               ) -> list[tuple[Path, str]]:
+    "Sorted (path, name) pairs; name = the path relative to the folder without its suffix (the file's stem for a file)."
+    if not isinstance(inputs, (str, Path)): return _unique_names([(Path(f), Path(f).stem) for f in inputs])
+    p = Path(inputs).expanduser()
+    if p.is_file(): return [(p, p.stem)]
+    if not p.is_dir(): raise FileNotFoundError(f"input {p} does not exist; give an image file or a folder of images")
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if not files: raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {p}")
+    return _unique_names([(f, f.relative_to(p).with_suffix("").as_posix()) for f in files])
+
+def _unique_names(pairs: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    "Names that two inputs share (a.png and a.jpg) keep their suffix (a_png, a_jpg); a clash left after that is an error."
+    counts = Counter(name for _, name in pairs)
+    out = [(f, f"{name}_{f.suffix.lstrip('.').lower()}" if counts[name] > 1 else name) for f, name in pairs]
+    clash = [name for name, n in Counter(name for _, name in out).items() if n > 1]
+    if clash:
+        same = [str(f) for f, name in out if name == clash[0]]
+        raise ValueError(f"{len(same)} inputs would write the same output name {clash[0]!r} ({', '.join(same[:3])}); "
+                         "rename them or predict them separately")
+    return out
+

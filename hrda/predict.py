@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -24,7 +23,8 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_ove
 from .adverse import server_label, server_name
 from .backbones import load_shape_checked
 from .core import CLASSES, IGNORE_INDEX, get_device, get_logger
-from .files import ImageReadError, atomic_write, check_writable_dir, read_image, write_json, write_text
+from .files import (IMAGE_SUFFIXES, ImageReadError, atomic_write, check_writable_dir, list_images, read_image, write_json,
+                        write_text)
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
                              save_metrics, save_overlay, summary_line)
@@ -32,9 +32,9 @@ from .released import ReleasedCheckpointError, load_released_checkpoint
 from .segmentor import TINY_MODEL, EncoderDecoder, HRDAEncoderDecoder, SegmentorConfig, build_segmentor, resize, tiny_segmentor
 
 # %% auto #0
-__all__ = ['Scale', 'IMAGE_SUFFIXES', 'LoadedModel', 'tiny_checkpoint', 'load_model', 'input_size', 'prepare_image',
-           'predict_image', 'list_images', 'attention_heatmap', 'write_prediction', 'predict_folder',
-           'default_eval_dir', 'per_class_markdown', 'BranchScorer', 'evaluate_checkpoint', 'attention_by_class']
+__all__ = ['Scale', 'LoadedModel', 'tiny_checkpoint', 'load_model', 'input_size', 'prepare_image', 'predict_image',
+           'attention_heatmap', 'write_prediction', 'predict_folder', 'default_eval_dir', 'per_class_markdown',
+           'BranchScorer', 'evaluate_checkpoint', 'attention_by_class']
 
 # %% ../nbs/08_predict.ipynb #ae61dede
 class LoadedModel(NamedTuple):
@@ -156,31 +156,6 @@ def predict_image(model: EncoderDecoder, # in eval mode
     return out
 
 # %% ../nbs/08_predict.ipynb #f15c680c
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-def list_images(inputs: str | Path | Sequence[str | Path], # an image file, a folder searched recursively, or a list of files
-               ) -> list[tuple[Path, str]]:
-    "Sorted (path, name) pairs; name = the path relative to the folder without its suffix (the file's stem for a file)."
-    if not isinstance(inputs, (str, Path)): return _unique_names([(Path(f), Path(f).stem) for f in inputs])
-    p = Path(inputs).expanduser()
-    if p.is_file(): return [(p, p.stem)]
-    if not p.is_dir(): raise FileNotFoundError(f"input {p} does not exist; give an image file or a folder of images")
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
-                   and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    if not files: raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {p}")
-    return _unique_names([(f, f.relative_to(p).with_suffix("").as_posix()) for f in files])
-
-def _unique_names(pairs: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
-    "Names that two inputs share (a.png and a.jpg) keep their suffix (a_png, a_jpg); a clash left after that is an error."
-    counts = Counter(name for _, name in pairs)
-    out = [(f, f"{name}_{f.suffix.lstrip('.').lower()}" if counts[name] > 1 else name) for f, name in pairs]
-    clash = [name for name, n in Counter(name for _, name in out).items() if n > 1]
-    if clash:
-        same = [str(f) for f, name in out if name == clash[0]]
-        raise ValueError(f"{len(same)} inputs would write the same output name {clash[0]!r} ({', '.join(same[:3])}); "
-                         "rename them or predict them separately")
-    return out
-
 def attention_heatmap(attention: np.ndarray, # (H, W) values in [0, 1]
                       cmap: str = "inferno", # a matplotlib colour map
                      ) -> np.ndarray:

@@ -15,9 +15,10 @@ from torch import nn
 
 from .backbones import create_backbone
 from .core import IGNORE_INDEX, allowed, check_ranges
-from .crops import (Box, TensorBox, box_hw, crop, crop_windows, insert_box, sample_crop_box, scale_box, slide_boxes,
-                        stitch_windows)
+from .crops import (Box, TensorBox, box_hw, crop, crop_windows, in_chunks, insert_box, sample_crop_box, scale_box,
+                        slide_boxes, stitch_windows)
 from .heads import create_head
+from .vit import check_patch_multiples
 
 # %% auto #0
 __all__ = ['BACKBONE_STRIDE', 'TINY_MODEL', 'SegmentorConfig', 'resize', 'fuse', 'seg_ce_loss', 'blur_downup', 'EncoderDecoder',
@@ -51,6 +52,7 @@ class SegmentorConfig:
     test_crop_size: tuple[int, int] = field(default=(1024, 1024), metadata=allowed('> 0'))  # outer test window (h, w), input pixels
     test_stride: tuple[int, int] = field(default=(512, 512), metadata=allowed('> 0'))  # outer test stride (sy, sx)
     test_average: Literal["logits", "probabilities"] = "logits"  # what overlapping outer windows average: logits (HRDA) or softmax probabilities (VFM-UDA)
+    test_batch: int = field(default=0, metadata=allowed('>= 0'))  # test time: at most this many inputs (context crops, detail windows) per backbone pass, to bound memory; 0: all at once
 
     def __post_init__(self):
         check_ranges(self)
@@ -166,12 +168,7 @@ class EncoderDecoder(nn.Module):
         hr = getattr(self.cfg, "hr_crop_size", None) if len(self.scales) > 1 else None
         sizes = [(f"the {s:g}x input", [n * s for n in img.shape[-2:]]) for s in self.scales[:1 if hr else None]]
         if hr: sizes.append(("the detail crop (hr_crop_size)", list(hr)))
-        for what, hw in sizes:
-            if any(abs(n - round(n)) > 1e-6 or round(n) % unit for n in hw):
-                raise ValueError(f"{what} of a {tuple(img.shape[-2:])} training crop is {tuple(int(n) if n == int(n) else round(n, 2) for n in hw)}, "
-                                 f"not a multiple of the encoder's {unit}-px patches: choose crop_size and hr_crop_size "
-                                 f"so that every scale's input divides into patches (e.g. crop 1008, detail 504), or set "
-                                 f"backbone_kwargs input_scale (1.1: the encoder resizes its inputs, as VFM-UDA does)")
+        check_patch_multiples(sizes, unit, img.shape[-2:])
 
     def draw_box(self, img_hw: Sequence[int], # (H, W) of the training crop
                  generator: torch.Generator, # the iteration's random stream
@@ -209,7 +206,8 @@ class EncoderDecoder(nn.Module):
              overlapping: bool | None = None, # HRDA only
             ) -> dict[str, torch.Tensor]:
         "The logit maps of one padded input at the output-stride resolution: here only 'fused'."
-        return {"fused": self.decode_head(self.backbone(resize(x, scale=self.scales[0])))}
+        return {"fused": in_chunks(lambda t: self.decode_head(self.backbone(t)), resize(x, scale=self.scales[0]),
+                                   self.cfg.test_batch)}
 
     def encode_decode(self, img: torch.Tensor, # (B, 3, H, W) normalised, any size
                       fixed_attention: float | None = None, # HRDA: overrides cfg.fixed_attention (0: LR only, 1: HR only)
@@ -303,12 +301,15 @@ class HRDAEncoderDecoder(EncoderDecoder):
         hr_hw = [n if self.hr_scale == 1 else math.floor(n * self.hr_scale) for n in img_hw]  # the size `resize` gives
         return sample_crop_box(hr_hw, self.cfg.hr_crop_size, self.cfg.crop_coord_divisible, generator)
 
+    def _on_grid(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        "Logits on the stride-`output_stride` grid of the input `x` (a no-op unless the head's grid differs, as a ViT's does)."
+        return resize(logits, [n // self.output_stride for n in x.shape[-2:]])
+
     def _both_scales(self, lr_in: torch.Tensor, # (B, 3, h, w) the context input
                      hr_in: torch.Tensor, # (n·B, 3, h', w') the detail crop(s) or windows
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
         "(LR features, HR features, LR logits, HR logits): one backbone pass for both when their sizes agree."
-        # logits on the stride-`output_stride` grid of each input (a no-op unless the head's grid differs, as a ViT's does)
-        on_grid = lambda logits, x: resize(logits, [n // self.output_stride for n in x.shape[-2:]])
+        on_grid = self._on_grid
         if lr_in.shape[1:] == hr_in.shape[1:] and self.backbone_per_sample:
             B = lr_in.shape[0]
             both = self.backbone(torch.cat([lr_in, hr_in]))
@@ -377,10 +378,17 @@ class HRDAEncoderDecoder(EncoderDecoder):
             overlap = cfg.hr_slide_overlapping if overlapping is None else overlapping
             stride = tuple(c // 2 for c in cfg.hr_crop_size) if overlap else cfg.hr_crop_size
             boxes = slide_boxes(hr_img.shape[-2:], cfg.hr_crop_size, stride)
-        # the context and the detail windows (n·B of them) share one backbone pass when their sizes agree
-        lr_feats, _, lr_logits, hr_out = self._both_scales(resize(x, scale=self.lr_scale),
-                                                            prep(crop_windows(hr_img, boxes) if slide else hr_img))
-        att = self._attention(lr_feats, lr_logits, fixed_attention)
+        lr_in, hr_in = resize(x, scale=self.lr_scale), prep(crop_windows(hr_img, boxes) if slide else hr_img)
+        if not cfg.test_batch:
+            # the context and the detail windows (n·B of them) share one backbone pass when their sizes agree
+            lr_feats, _, lr_logits, hr_out = self._both_scales(lr_in, hr_in)
+            att = self._attention(lr_feats, lr_logits, fixed_attention)
+        else:  # at most test_batch inputs per pass: each context chunk gives its logits and attention, the windows apart
+            def context(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                logits = self._on_grid(self.decode_head(feats := self.backbone(t)), t)
+                return logits, self._attention(feats, logits, fixed_attention)
+            lr_logits, att = in_chunks(context, lr_in, cfg.test_batch)
+            hr_out = in_chunks(lambda t: self._on_grid(self.decode_head(self.backbone(t)), t), hr_in, cfg.test_batch)
         hr_logits = stitch_windows(hr_out, [scale_box(b, 1 / os_) for b in boxes], hr_hw) if slide else hr_out
         fused = fuse(lr_logits, hr_logits, att, None, self.scale_ratio)
         return {"lr": resize(lr_logits, hr_hw), "hr": hr_logits, "attention": resize(att, hr_hw), "fused": fused}
@@ -398,7 +406,6 @@ def build_segmentor(cfg: SegmentorConfig, # the options
     attention = create_head(cfg.attention_head, backbone.out_channels, n_att, **{**strides, **cfg.attention_head_kwargs})
     return HRDAEncoderDecoder(cfg, backbone, head, attention)
 
-# %% ../nbs/04_segmentor.ipynb #67d9a037
 TINY_MODEL: dict[str, Any] = dict(  # a model that trains in CPU seconds, for examples and tests (config keys)
     backbone="cnn", backbone_kwargs={"widths": [8, 16, 24, 32], "depths": [1, 1, 1, 1]},
     head_kwargs={"channels": 16, "embed_dims": 16}, attention_head_kwargs={"channels": 16, "embed_dims": 16},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import signal
@@ -26,6 +27,7 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, provenanc
 from .core import ConfigError, autocast_dtype, get_logger, make_generator, seed_everything
 from .files import FolderLock, portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
 from .dacs import DACSConfig, dacs_step, hold_in_dtype_, read_logs
+from .distill import distill_step
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
 from .evaluation import evaluate, summary_line
@@ -35,8 +37,8 @@ from .segmentor import SegmentorConfig, build_segmentor
 
 # %% auto #0
 __all__ = ['INIT_PARTS', 'IterationSampler', 'collate_tensors', 'collate_training', 'SyncCrop', 'build_datasets',
-           'NonFiniteLossError', 'read_log', 'RunLog', 'check_finite', 'init_from_run_', 'GracefulStop', 'train',
-           'train_cli']
+           'NonFiniteLossError', 'read_log', 'RunLog', 'check_finite', 'init_from_run_', 'distill_teacher',
+           'GracefulStop', 'train', 'train_cli']
 
 # %% ../nbs/06a_train.ipynb #02ae9612
 class IterationSampler(Sampler[int]):
@@ -178,6 +180,21 @@ def init_from_run_(model: nn.Module, # a freshly built segmentor, changed in pla
                                 "initialise from a run with the same backbone and decode head")
     return missing
 
+def distill_teacher(path: str | Path, # a trained run's checkpoint, or its run folder (checkpoints/latest.pth)
+                    device: torch.device, # where it runs
+                    amp_dtype: torch.dtype | None = None, # the run's autocast dtype (the frozen weights are cast once)
+                   ) -> nn.Module:
+    "The frozen student of a trained run, rebuilt from its own config: the teacher of a distillation run."
+    path = resolve_path(path)
+    if path.is_dir(): path = path / "checkpoints" / "latest.pth"
+    ckpt = load_checkpoint(path)
+    known = {f.name for f in dataclasses.fields(SegmentorConfig)} - {"pretrained"}
+    model = build_segmentor(load_config(SegmentorConfig, overrides={k: v for k, v in ckpt["config"].items() if k in known}))
+    model.load_state_dict(ckpt["student"])
+    model = model.to(device).requires_grad_(False).eval()
+    hold_in_dtype_(model, amp_dtype)
+    return model
+
 def _resume_from(cfg: TrainConfig, out: Path, resume: bool | str | Path, device,
                  allow_config_change: bool = False) -> tuple[dict | None, list[dict]]:
     "The checkpoint to continue from (checked against `cfg`) or None, and the settings changed from it (when allowed)."
@@ -243,6 +260,9 @@ def train(cfg: TrainConfig, # the run
     if cfg.step_mode != "eager" and narrow(DACSConfig, cfg).uses_host_draws():
         raise ConfigError(f"pseudo_flip, weak_jitter, strong_aug=per_image and mic_mask=tokens draw per image while the "
                           f"step runs, which step_mode={cfg.step_mode} cannot replay: use step_mode=eager")
+    if cfg.distill_from and (cfg.step_mode != "eager" or not cfg.self_training):
+        raise ConfigError("distill_from trains on the target images with the eager step: keep self_training=true and "
+                          "step_mode=eager")
     main, out = rank == 0, run_dir(cfg)
     if main: FolderLock(out).check()  # a folder another live process writes: refused before anything is read
     ckpt, changed = _resume_from(cfg, out, resume, device, allow_config_change)
@@ -263,7 +283,9 @@ def _train_locked(cfg: TrainConfig, stop_after: int | None, device, rank: int, w
     if ckpt is None and cfg.init_from:
         fresh = init_from_run_(student, cfg.init_from)
         if main: log.info(f"initialised from {portable_path(cfg.init_from)}" + (f"; {len(fresh)} attention-head tensors start fresh" if fresh else ""))
-    teacher = copy.deepcopy(student).requires_grad_(False) if cfg.self_training else None
+    teacher = copy.deepcopy(student).requires_grad_(False) if cfg.self_training and not cfg.distill_from else None
+    distiller = distill_teacher(cfg.distill_from, device, autocast_dtype(cfg.precision, device)) if cfg.distill_from else None
+    if main and distiller is not None: log.info(f"distilling the fused predictions of {portable_path(cfg.distill_from)}")
     imnet = None
     if cfg.fd_lambda > 0 and cfg.pretrained:
         imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval()
@@ -318,6 +340,7 @@ def _train_locked(cfg: TrainConfig, stop_after: int | None, device, rank: int, w
             lr = set_lr_(optimizer, t, cfg.lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power,
                          schedule=cfg.lr_schedule)
             if replay is not None: out_t = replay(batch, t, generator)
+            elif distiller is not None: out_t = distill_step(student, distiller, optimizer, batch, generator, amp_dtype, scaler)
             else: out_t = dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler)
             pending.append((t, average_logs(out_t.logs)))
             bar.update(1)

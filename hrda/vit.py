@@ -8,15 +8,15 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['PATCH_SIZE', 'DINOV2_ARCHS', 'DINOV2_HELP', 'interpolate_offset_scale', 'DinoVisionEncoder', 'masked_tokens',
-           'convert_dinov2_state_dict', 'check_dinov2_weights', 'vit_layer_of', 'layerwise_lr_mult']
+__all__ = ['PATCH_SIZE', 'DINOV2_ARCHS', 'DINOV2_HELP', 'interpolate_offset_scale', 'check_patch_multiples', 'DinoVisionEncoder',
+           'masked_tokens', 'convert_dinov2_state_dict', 'check_dinov2_weights', 'vit_layer_of', 'layerwise_lr_mult']
 
 # %% ../nbs/03_vit.ipynb #c9837d14
 PATCH_SIZE = 14
@@ -43,6 +43,18 @@ def interpolate_offset_scale(grid: int, # g: the tokens along one side of the in
                             ) -> float:
     "The bicubic scale factor (g + offset) / M of the original DINOv2 interpolation."
     return (grid + offset) / table
+
+def check_patch_multiples(sizes: Sequence[tuple[str, Sequence[float]]], # (what, (h, w)) of each input the encoder sees
+                          unit: int, # the encoder's patch side (1: any size)
+                          crop_hw: Sequence[int], # the training crop, named in the message
+                         ) -> None:
+    "Raise, naming both ways out, when an input of a training crop is not a whole number of `unit`-px patches."
+    for what, hw in sizes:
+        if any(abs(n - round(n)) > 1e-6 or round(n) % unit for n in hw):
+            raise ValueError(f"{what} of a {tuple(crop_hw)} training crop is {tuple(int(n) if n == int(n) else round(n, 2) for n in hw)}, "
+                             f"not a multiple of the encoder's {unit}-px patches: choose crop_size and hr_crop_size "
+                             f"so that every scale's input divides into patches (e.g. crop 1008, detail 504), or set "
+                             f"backbone_kwargs input_scale (1.1: the encoder resizes its inputs, as VFM-UDA does)")
 
 # %% ../nbs/03_vit.ipynb #a8ecdc4a
 class DinoVisionEncoder(nn.Module):
