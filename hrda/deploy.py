@@ -12,11 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .datasets import normalize, rescale_size
 from .evaluation import logits_to_label, save_color_png, save_label_png, save_overlay
-from .files import ImageReadError, check_writable_dir, list_images, read_image, write_json
+from .files import check_writable_dir, list_images, readable_images, write_json
 from .core import get_logger
 
 # %% auto #0
@@ -94,11 +93,7 @@ def predict_folder_onnx(model: str | Path | OnnxSegmenter, # an exported .onnx f
     seg = model if isinstance(model, OnnxSegmenter) else OnnxSegmenter(model)
     if max_images: images = images[:max_images]
     done, skipped = [], []
-    for path, name in tqdm(images, desc="predict (onnx)", disable=not progress, mininterval=2):
-        try: rgb = read_image(path)
-        except ImageReadError as e:
-            skipped.append({"input": str(path), "error": str(e)})
-            continue
+    for path, name, rgb in readable_images(images, skipped, "predict (onnx)", progress):
         label = seg.predict(rgb)
         files = {"label": save_label_png(label, out / "labels" / f"{name}.png"),
                  "color": save_color_png(label, out / "color" / f"{name}.png"),

@@ -19,12 +19,12 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from .core import CLASSES, IGNORE_INDEX
+from .core import CLASSES, IGNORE_INDEX, get_logger
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'repo_root', 'portable_path', 'resolve_path', 'portable_record', 'atomic_write', 'write_text',
            'write_json', 'write_yaml', 'save_torch', 'check_writable_dir', 'FolderBusyError', 'FolderLock',
-           'ImageReadError', 'read_image', 'check_label_values', 'read_label', 'list_images']
+           'ImageReadError', 'read_image', 'check_label_values', 'read_label', 'list_images', 'readable_images']
 
 # %% ../nbs/00a_files.ipynb #219dfd1d
 def repo_root(start: str | Path | None = None, # where to start looking (default: the current folder)
@@ -283,4 +283,17 @@ def _unique_names(pairs: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
         raise ValueError(f"{len(same)} inputs would write the same output name {clash[0]!r} ({', '.join(same[:3])}); "
                          "rename them or predict them separately")
     return out
+
+def readable_images(images: Sequence[tuple[Path, str]], # (path, name) pairs from `list_images`
+                    skipped: list[dict], # receives {'input', 'error'} for each image that cannot be read
+                    desc: str = "predict", # the progress bar's label
+                    progress: bool = True, # show a progress bar and warn of each skipped image
+                   ) -> Iterator[tuple[Path, str, np.ndarray]]:
+    "(path, name, RGB array) of each readable image in turn; unreadable ones are listed in `skipped`, not raised."
+    from tqdm import tqdm
+    for path, name in tqdm(images, desc=desc, disable=not progress, mininterval=2):
+        try: yield path, name, read_image(path)
+        except ImageReadError as e:
+            skipped.append({"input": str(path), "error": str(e)})
+            if progress: get_logger("hrda").warning(f"skipped: {e}")
 

@@ -23,8 +23,7 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_ove
 from .adverse import server_label, server_name
 from .backbones import load_shape_checked
 from .core import CLASSES, IGNORE_INDEX, get_device, get_logger
-from .files import (IMAGE_SUFFIXES, ImageReadError, atomic_write, check_writable_dir, list_images, read_image, write_json,
-                        write_text)
+from .files import IMAGE_SUFFIXES, atomic_write, check_writable_dir, list_images, readable_images, write_json, write_text
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
                              save_metrics, save_overlay, summary_line)
@@ -215,12 +214,7 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
     scale = loaded.config.target_scale if scale == "config" else scale
     if max_images: images = images[:max_images]
     done, skipped = [], []
-    for path, name in tqdm(images, desc="predict", disable=not progress, mininterval=2):
-        try: rgb = read_image(path)
-        except ImageReadError as e:
-            skipped.append({"input": str(path), "error": str(e)})
-            if progress: log.warning(f"skipped: {e}")
-            continue
+    for path, name, rgb in readable_images(images, skipped, "predict", progress):
         pred = predict_image(loaded.model, rgb, scale, mode=mode, return_scales=show_scales)
         label = pred["fused"] if show_scales else pred
         files = write_prediction(out, name, rgb, label, alpha, pred if show_scales else None)
