@@ -5,7 +5,7 @@ evaluated on all target validation images and timed on the same images, one at a
 Writes reports/distill/README.md and results.json.
 
 Usage (from the repository root), after `make demo` (the teacher) and the student's run:
-    python experiments/run_grid.py experiments/synth_distill.yaml --seeds 0
+    hrda train --config experiments/synth_distill.yaml --set out_dir=reports/local/synth_distill/s0
     python benchmarks/distill_report.py
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hrda.files import portable_path, read_image, write_json, write_text  # noqa
 from hrda.predict import evaluate_checkpoint, list_images, load_model, predict_image  # noqa: E402
 
 RUNS = {"teacher: HRDA (demo, seed 0)": "reports/local/demo/hrda/s0",
-        "student: distilled, one scale (synth_distill)": "reports/synth_distill/s0",
+        "student: distilled, one scale (synth_distill)": "reports/local/synth_distill/s0",
         "DAFormer, one scale, self-training (demo, seed 0)": "reports/local/demo/daformer/s0"}
 
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     lines += [f"| {r['model']} | `{r['run']}` | {r['params_m']} | {r['mIoU']:.1f} | {r['images_per_s']} |" for r in rows]
     lines += ["", f"The student keeps {student['mIoU'] / teacher['mIoU'] * 100:.0f} % of its teacher's mIoU at "
               f"{student['images_per_s'] / teacher['images_per_s']:.1f}× its speed.", "",
-              f"Rebuilt by `python experiments/run_grid.py experiments/synth_distill.yaml --seeds 0` after `make demo`, "
+              f"Rebuilt by `hrda train --config experiments/synth_distill.yaml --set out_dir=reports/local/synth_distill/s0` after `make demo`, "
               f"then `{result['command']}`. Per-model evaluations: `eval/`."]
     write_text(out / "README.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
