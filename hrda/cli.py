@@ -61,6 +61,8 @@ def _model_args(p: argparse.ArgumentParser,
                    help="test scale: 'config' (the run's target_scale, default), 'none', LONGxSHORT, or a factor")
     p.add_argument("--mode", choices=("slide", "whole"), help="outer test inference (default: the config's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast of the inference (default fp32; bf16: faster, labels may differ at near-ties)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. test_stride=[256,256]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -115,7 +117,7 @@ def _checkpoint_of(args: argparse.Namespace, parser_error: Callable[[str], None]
     if getattr(args, "onnx", None):
         given = [f for f, on in (("--config", args.config), ("--teacher", args.teacher), ("--scale", args.scale != "config"),
                                  ("--mode", args.mode), ("--set", args.set), ("--show-scales", args.show_scales),
-                                 ("--server", args.server)) if on]
+                                 ("--server", args.server), ("--precision", args.precision != "fp32")) if on]
         if given: parser_error(f"{', '.join(given)} cannot go with --onnx: the exported file fixes the model and its test "
                                f"scale (export again with other settings)")
         return args.onnx, None
@@ -132,7 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hrda.predict import default_eval_dir, evaluate_checkpoint
     r = evaluate_checkpoint(args.path, args.data, args.dataset, args.split, args.scale, args.out, args.config,
                             args.teacher, args.device, args.mode, args.max_images, args.save_predictions, args.workers,
-                            args.set, progress=not args.no_progress)
+                            args.set, progress=not args.no_progress, precision=args.precision)
     out = args.out or default_eval_dir(args.path)
     print(f"{r['num_images']} images of {r['data_root']} ({r['dataset']} {r['split']}): {summary_line(r)}")
     print(f"wrote {os.path.join(out, 'metrics.json')} and {os.path.join(out, 'per_class.md')}")
@@ -153,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from hrda.predict import predict_folder
         s = predict_folder(args.path, args.input, args.out, args.show_scales, args.config, args.teacher, args.scale,
                            args.device, args.mode, args.alpha, args.set, progress=not args.no_progress,
-                           max_images=args.max_images, server=args.server)
+                           max_images=args.max_images, server=args.server, precision=args.precision)
     print(f"predicted {s['predicted']} of {s['images']} images into {s['out_dir']}")
     for item in s["skipped"]: print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)
     if s["images"] and not s["predicted"]:

@@ -22,7 +22,7 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, parse_ove
                          run_name)
 from .adverse import server_label, server_name
 from .backbones import load_shape_checked
-from .core import CLASSES, IGNORE_INDEX, get_device, get_logger
+from .core import CLASSES, IGNORE_INDEX, autocast_dtype, get_device, get_logger
 from .files import IMAGE_SUFFIXES, atomic_write, check_writable_dir, list_images, readable_images, write_json, write_text
 from .datasets import ValDataset, normalize, rescale_size
 from .evaluation import (ConfusionMeter, evaluate, logits_to_label, metrics_table, save_color_png, save_label_png,
@@ -142,13 +142,15 @@ def predict_image(model: EncoderDecoder, # in eval mode
                   device: str | torch.device | None = None, # where the image goes; None: the model's device
                   mode: Literal["slide", "whole"] | None = None, # outer test inference (default: the model's config)
                   return_scales: bool = False, # also the LR, HR and attention maps (`EncoderDecoder.predict_scales`)
+                  precision: str = "fp32", # autocast: fp32, bf16 or fp16 (see `hrda.core.autocast_dtype`)
                  ) -> np.ndarray | dict[str, np.ndarray]:
     "The (H, W) int64 train ids of `rgb` at its own size; with `return_scales` a dict of fused, lr, hr, attention maps."
     if device is not None and not isinstance(device, torch.device): device = get_device(device)
     x = prepare_image(rgb, scale).to(device or _device_of(model))
-    size = rgb.shape[:2]
-    if not return_scales: return logits_to_label(model.inference(x, mode), size)[0].cpu().numpy()
-    maps = model.predict_scales(x, mode)
+    size, amp = rgb.shape[:2], autocast_dtype(precision, x.device)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        if not return_scales: return logits_to_label(model.inference(x, mode), size)[0].cpu().numpy()
+        maps = model.predict_scales(x, mode)
     out = {k: logits_to_label(maps[k], size)[0].cpu().numpy() for k in ("fused", "lr", "hr") if k in maps}
     if "attention_pred" in maps:  # Σ_c a_c softmax(ŷ_F)_c, the original test tool's ATT output, in [0, 1]
         out["attention"] = resize(maps["attention_pred"].float(), size)[0, 0].clamp(0, 1).cpu().numpy()
@@ -203,6 +205,7 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
                    progress: bool = True, # a progress bar and a closing summary on stderr
                    max_images: int = 0, # only the first N images (0: all)
                    server: str | None = None, # also write server/<image name>.png for this test server: cityscapes, acdc, darkzurich
+                   precision: str = "fp32", # autocast of the inference: fp32, bf16 or fp16
                   ) -> dict[str, Any]:
     "Predict every image of `inputs` into `out_dir`; unreadable images are reported and skipped. The summary dict."
     if max_images < 0: raise ValueError(f"max_images must be >= 0 (0: all images), got {max_images}")
@@ -215,7 +218,7 @@ def predict_folder(checkpoint: str | Path | LoadedModel, # a checkpoint path (se
     if max_images: images = images[:max_images]
     done, skipped = [], []
     for path, name, rgb in readable_images(images, skipped, "predict", progress):
-        pred = predict_image(loaded.model, rgb, scale, mode=mode, return_scales=show_scales)
+        pred = predict_image(loaded.model, rgb, scale, mode=mode, return_scales=show_scales, precision=precision)
         label = pred["fused"] if show_scales else pred
         files = write_prediction(out, name, rgb, label, alpha, pred if show_scales else None)
         if server is not None:
@@ -298,6 +301,7 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
                         overrides: Sequence[str] | dict | None = None, # config changes (see `load_model`)
                         progress: bool = True, # a progress bar
                         branches: bool = False, # HRDA: in the same pass, also score its LR and HR branches and its attention by class
+                        precision: str = "fp32", # autocast of the inference: fp32, bf16 or fp16
                        ) -> dict[str, Any]:
     "mIoU and per-class IoU of a checkpoint on a validation set, written to `out_dir`/metrics.json and per_class.md."
     if out_dir is not None: check_writable_dir(out_dir)  # before the model loads and the images are scored
@@ -316,9 +320,11 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
         index[name] = {"image": item["img_path"], "label": labels_of[item["img_path"]]}
     branches = branches and isinstance(model, HRDAEncoderDecoder)
     scorer = BranchScorer(cfg.num_classes) if branches else None
+    amp = autocast_dtype(precision, _device_of(model))
     def predict(x: torch.Tensor) -> torch.Tensor:  # fused logits; with `branches`, every map of the same pass is kept
-        if scorer is None: return model.inference(x, mode).float()
-        return scorer.keep(model.predict_scales(x, mode))
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            if scorer is None: return model.inference(x, mode).float()
+            return scorer.keep(model.predict_scales(x, mode))
     def on_prediction(name: str, label: torch.Tensor, item: dict):
         if scorer is not None: scorer.update(torch.as_tensor(item["gt"]))
         if save_predictions: write(name, label, item)
@@ -328,7 +334,7 @@ def evaluate_checkpoint(checkpoint: str | Path | LoadedModel, # a checkpoint pat
     if save_predictions: write_json(out / "predictions" / "index.json", index)
     result = {"checkpoint": loaded.info, "experiment": cfg.experiment, "run": run_name(cfg),
               "data_root": str(data_root), "dataset": dataset, "split": split, "scale": scale,
-              "mode": mode or model.cfg.test_mode, "wall_time_s": round(time.time() - t0, 1), **metrics,
+              "mode": mode or model.cfg.test_mode, "precision": precision, "wall_time_s": round(time.time() - t0, 1), **metrics,
               **(scorer.compute(getattr(cfg, "eval_classes", None)) if scorer is not None else {}),
               "config": config_to_dict(cfg), "provenance": provenance()}
     save_metrics(out / "metrics.json", result)

@@ -98,3 +98,17 @@ def test_encoder_passes_in_chunks_give_todays_labels(overrides):
             differ = chunked.argmax(1) != whole.argmax(1)  # only where the two best logits tie to float rounding
             top2 = whole.topk(2, dim=1).values
             assert differ.sum() <= 2 and ((top2[:, 0] - top2[:, 1])[differ] < 1e-4).all()
+
+
+def test_predict_and_evaluate_run_under_bf16_autocast(tmp_path, synth):
+    "bf16 where asked: the labels of a trained-looking (sharp) model stay nearly those of fp32."
+    ckpt = tiny_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pth", target_scale=None, num_classes=19)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(synth / "target"), "--dataset", "cityscapes",
+                 "--device", "cpu", "--no-progress", "--precision", "bf16", "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["precision"] == "bf16"
+    model = load_model(ckpt, device="cpu").model
+    with torch.no_grad(): model.decode_head.conv_seg.weight.mul_(100)
+    from hrda.predict import predict_image
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    a, b = predict_image(model, rgb, precision="bf16"), predict_image(model, rgb)
+    assert (a == b).mean() > 0.95
