@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Images per second of the full test-time inference, by path: PyTorch with every input in one encoder pass (as
-before), in chunks of --test-batch inputs, in chunks under bf16 autocast, and the exported ONNX graph on ONNX
-Runtime; with the peak memory of each PyTorch path (resident set on the CPU, allocated memory on a GPU) and the
-ONNX graph's agreement with PyTorch. Writes inference_<device>.{json,md} into reports/perf/.
+before), in chunks of --test-batch inputs, in chunks under bf16 autocast, with --compile also in chunks with
+torch.compile on the networks, and the exported ONNX graph on ONNX Runtime; with the peak memory of each PyTorch path
+(resident set on the CPU, allocated memory on a GPU), its first call apart, and the ONNX graph's agreement with
+PyTorch. Writes inference_<device>.{json,md} into reports/perf/.
 
 Usage (from the repository root):
     .venv/bin/python benchmarks/bench_inference.py                 # the demo network at 256x512, MiT-B0 HRDA at 1024x2048
@@ -42,19 +43,24 @@ def build(name: str, test_batch: int):
     return build_segmentor(narrow(SegmentorConfig, cfg)).eval(), size
 
 
-def measure_torch(name: str, test_batch: int, precision: str, device: str, repeats: int) -> dict:
-    "Seconds per image and peak memory of `EncoderDecoder.inference` (run in this process)."
+def measure_torch(name: str, test_batch: int, precision: str, device: str, repeats: int, compile: bool = False) -> dict:
+    "Seconds per image and peak memory of `EncoderDecoder.inference` (run in this process); the first call apart."
     import resource
     import torch
     from hrda.core import autocast_dtype
     model, size = build(name, test_batch)
+    if compile:  # the networks, not the slide: one graph per input shape (a chunk, the last chunk, the context pass)
+        for part in ("backbone", "decode_head", "attention_head"):
+            if hasattr(model, part): setattr(model, part, torch.compile(getattr(model, part), dynamic=False))
     dev = torch.device(device)
     model = model.to(dev)
     amp = autocast_dtype(precision, dev)
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-        model.inference(x); sync()  # warm-up (and cuDNN / allocator set-up)
+        t0 = time.perf_counter()
+        model.inference(x); sync()  # warm-up (and cuDNN / allocator set-up, compilation)
+        first = time.perf_counter() - t0
         if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         for _ in range(repeats): model.inference(x)
@@ -62,7 +68,8 @@ def measure_torch(name: str, test_batch: int, precision: str, device: str, repea
     s = (time.perf_counter() - t0) / repeats
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"s_per_image": round(s, 3), "images_per_s": round(1 / s, 3), "peak_mem_mb": round(peak, 1)}
+    return {"s_per_image": round(s, 3), "images_per_s": round(1 / s, 3), "peak_mem_mb": round(peak, 1),
+            "first_call_s": round(first, 1)}
 
 
 def measure_onnx(name: str, test_batch: int, repeats: int, threads: int) -> dict:
@@ -97,7 +104,7 @@ def measure_onnx(name: str, test_batch: int, repeats: int, threads: int) -> dict
 def child(args: argparse.Namespace) -> None:
     "One measurement in this process (called by `main` through a subprocess); prints its JSON."
     if args.path == "onnx": out = measure_onnx(args.model, args.test_batch, args.repeats, args.threads)
-    else: out = measure_torch(args.model, args.test_batch, args.precision, args.device, args.repeats)
+    else: out = measure_torch(args.model, args.test_batch, args.precision, args.device, args.repeats, args.path == "compile")
     print("RESULT " + json.dumps(out))
 
 
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also the chunked path with torch.compile on the networks")
     p.add_argument("--out", default=str(ROOT / "reports" / "perf"))
     p.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hrda.files import write_json, write_text
     paths = [("one pass (as before)", "torch", 0, "fp32"), (f"chunks of {args.test_batch}", "torch", args.test_batch, "fp32"),
              (f"chunks of {args.test_batch}, {args.precision}", "torch", args.test_batch, args.precision)]
+    if args.compile: paths.append((f"chunks of {args.test_batch}, torch.compile", "compile", args.test_batch, "fp32"))
     if not args.no_onnx and args.device == "cpu": paths.append((f"ONNX Runtime, chunks of {args.test_batch}", "onnx", args.test_batch, "fp32"))
     given = list(argv if argv is not None else sys.argv[1:])
     if "--out" in given: del given[given.index("--out"):given.index("--out") + 2]
@@ -141,12 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(out / f"inference_{tag}.json", result)
     lines = [f"# Test-time inference by path on {result['device']}", "", f"torch {result['torch']}", "",
              f"Command: `{result['command']}`", "",
-             "| model | image | path | s / image | images / s | peak memory (MB) | ONNX vs PyTorch: max abs logit diff | labels equal | export s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | image | path | s / image | images / s | peak memory (MB) | first call s | ONNX vs PyTorch: max abs logit diff | labels equal | export s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        if "error" in r: lines.append(f"| {r['model']} | {r['size'][0]}×{r['size'][1]} | {r['path']} | failed: {r['error']} | | | | | |"); continue
+        if "error" in r: lines.append(f"| {r['model']} | {r['size'][0]}×{r['size'][1]} | {r['path']} | failed: {r['error']} | | | | | | |"); continue
         lines.append(f"| {r['model']} | {r['size'][0]}×{r['size'][1]} | {r['path']} | {r['s_per_image']} | {r['images_per_s']} "
-                     f"| {r.get('peak_mem_mb', '')} | {r.get('max_abs_logit_diff', '') if 'max_abs_logit_diff' not in r else format(r['max_abs_logit_diff'], '.1e')} "
+                     f"| {r.get('peak_mem_mb', '')} | {r.get('first_call_s', '')} | {r.get('max_abs_logit_diff', '') if 'max_abs_logit_diff' not in r else format(r['max_abs_logit_diff'], '.1e')} "
                      f"| {'' if 'labels_equal' not in r else format(100 * r['labels_equal'], '.4f') + ' %'} | {r.get('export_s', '')} |")
     write_text(out / f"inference_{tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

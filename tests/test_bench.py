@@ -127,3 +127,12 @@ def test_cost_benchmark_counts_an_experiment_on_the_meta_device(tmp_path):
     row = result["rows"][0]
     assert row["hrda"] and row["tflop_per_iter"] > 0 and row["operators_per_iter"] > 0 and row["test_encoder_passes"] > 0
     assert "| synth_hrda |" in (tmp_path / "cost_cpu.md").read_text() and str(tmp_path) not in result["command"]
+
+
+def test_inference_benchmark_measures_each_path_in_its_own_process(tmp_path):
+    import bench_inference
+    result = bench_inference.main(["--models", "demo", "--no-onnx", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert [r["path"] for r in rows] == ["one pass (as before)", "chunks of 2", "chunks of 2, bf16"]
+    assert all(r["s_per_image"] > 0 and r["peak_mem_mb"] > 0 for r in rows), rows
+    assert "| demo | 256×512 | chunks of 2 |" in (tmp_path / "inference_cpu.md").read_text()
