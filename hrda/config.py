@@ -127,6 +127,7 @@ class DataOptions:
     rcs_min_pixels: int = field(default=3000, metadata=allowed('>= 0'))  # files qualify for a class above this pixel count
     rcs_min_crop_ratio: float = field(default=2.0, metadata=allowed('>= 0'))  # crops are re-drawn until they hold min_pixels × this of the class
     rcs_max_reloads: int = field(default=10, metadata=allowed('>= 0'))  # re-draws at most (the last is kept); VFM-UDA: 20
+    rcs_joint_cat_max: bool = False  # VFM-UDA: each draw is one crop, kept only if it passes both the class count and cat_max_ratio
     batch_size: int = field(default=2, metadata=allowed('> 0'))  # source (and target) images per iteration and process
     workers: int = field(default=1, metadata=RUN_ONLY | allowed('>= 0'))  # data-loading processes per training process (0: in the main process)
     cache_images: bool = field(default=False, metadata=RUN_ONLY)  # keep decoded training images in memory in each loader process (small datasets only)

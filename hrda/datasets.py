@@ -24,8 +24,8 @@ from .convert import PREPARE_COMMANDS, DataPrepError
 # %% auto #0
 __all__ = ['LAYOUTS', 'HRDA_PREPARE', 'FIRST_RELEASE_LAYOUTS', 'Layout', 'dataset_layout', 'find_samples', 'check_pair',
            'normalize', 'denormalize', 'PipelineConfig', 'hrda_pipeline', 'rescale_size', 'random_crop_box',
-           'crop_box_cat_max', 'margin_mask', 'train_transform', 'SegDataset', 'RCSConfig', 'load_class_stats',
-           'rcs_class_probs', 'RareClassSampler', 'UDADataset', 'ValDataset']
+           'crop_box_cat_max', 'passes_cat_max', 'margin_mask', 'train_transform', 'SegDataset', 'RCSConfig',
+           'load_class_stats', 'rcs_class_probs', 'RareClassSampler', 'UDADataset', 'ValDataset']
 
 # %% ../nbs/01a_datasets.ipynb #778bd966
 @dataclass(frozen=True)
@@ -176,11 +176,17 @@ def crop_box_cat_max(label: np.ndarray, # (H, W) train ids of the source image
     if cat_max_ratio >= 1: return box
     for _ in range(tries):
         y1, y2, x1, x2 = box
-        counts = np.bincount(label[y1:y2, x1:x2].ravel(), minlength=256)[:IGNORE_INDEX]
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio: break
+        if passes_cat_max(label[y1:y2, x1:x2], cat_max_ratio): break
         box = random_crop_box(*label.shape, crop_size, generator)
     return box
+
+def passes_cat_max(label: np.ndarray, # train ids of a crop
+                   cat_max_ratio: float, # the largest share one class may cover
+                  ) -> bool:
+    "True when the crop holds at least two labelled classes and none covers `cat_max_ratio` of its labelled pixels."
+    counts = np.bincount(label.ravel(), minlength=256)[:IGNORE_INDEX]
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 def margin_mask(h: int, w: int, # original image size
                 margins: Sequence[int], # (top, bottom, left, right)
@@ -283,6 +289,7 @@ class RCSConfig:
     min_pixels: int = 3000  # a file is a candidate for class c if it holds more pixels of c than this
     min_crop_ratio: float = 2.0  # reload until the crop holds > min_pixels * min_crop_ratio pixels of c (DAFormer: 0.5)
     max_reloads: int = 10  # reloads at most; the last one is kept
+    joint_cat_max: float | None = None  # VFM-UDA: a reload is kept only if it also passes this single-class test
 
 def load_class_stats(root: str | Path, # the source dataset root
                      dataset: str = "gta", # for the error message: which command writes the file
@@ -361,8 +368,10 @@ class UDADataset(Dataset):
         else:
             c, k = self.sampler.sample(g)
             s = self.source.load(k, g)
+            joint = self.rcs.joint_cat_max
             for _ in range(self.rcs.max_reloads if self.rcs.min_crop_ratio > 0 else 0):
-                if int((s["gt"] == c).sum()) > self.rcs.min_pixels * self.rcs.min_crop_ratio: break
+                if int((s["gt"] == c).sum()) > self.rcs.min_pixels * self.rcs.min_crop_ratio and (
+                        joint is None or passes_cat_max(s["gt"].numpy(), joint)): break
                 s = self.source.load(k, g)
         s["meta"]["rcs_class"] = c
         return dict(img=s["img"], gt=s["gt"], meta=s["meta"], **out)

@@ -79,16 +79,18 @@ class SyncCrop(Dataset):
 
 def build_datasets(cfg: TrainConfig) -> tuple[Dataset, ValDataset]:
     "The training pairs (source only when not self-training) and the target validation set of `cfg`."
+    joint = cfg.rcs and cfg.rcs_joint_cat_max  # VFM-UDA: the single-class test moves into each RCS draw
     src = SegDataset(cfg.source_root, cfg.source, "train", role="source", seed=cfg.seed, cache=cfg.cache_images,
                      num_classes=cfg.num_classes,
-                     pipeline=PipelineConfig(scale=cfg.source_scale, crop_size=cfg.crop_size, cat_max_ratio=cfg.cat_max_ratio,
-                                             scale_jitter=cfg.scale_jitter))
+                     pipeline=PipelineConfig(scale=cfg.source_scale, crop_size=cfg.crop_size, scale_jitter=cfg.scale_jitter,
+                                             cat_max_ratio=1.0 if joint else cfg.cat_max_ratio))
     trg = None
     if cfg.self_training:
         trg = SegDataset(cfg.target_root, cfg.target, "train", role="target", seed=cfg.seed, cache=cfg.cache_images,
                          pipeline=PipelineConfig(scale=cfg.target_scale, crop_size=cfg.crop_size,
                                                  pseudo_margins=cfg.pseudo_margins, scale_jitter=cfg.scale_jitter))
-    rcs = RCSConfig(cfg.rcs_temperature, cfg.rcs_min_pixels, cfg.rcs_min_crop_ratio, cfg.rcs_max_reloads) if cfg.rcs else None
+    rcs = RCSConfig(cfg.rcs_temperature, cfg.rcs_min_pixels, cfg.rcs_min_crop_ratio, cfg.rcs_max_reloads,
+                    cfg.cat_max_ratio if joint else None) if cfg.rcs else None
     pairs = UDADataset(src, trg, rcs, seed=cfg.seed)
     top = max(pairs.sampler.classes + pairs.sampler.dropped) if pairs.sampler is not None else -1
     if top >= cfg.num_classes:  # the class statistics show it before any label is read

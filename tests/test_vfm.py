@@ -185,3 +185,26 @@ def test_scale_jitter_draws_a_resize_factor_per_sample():
     assert again == shapes[3]
     plain = PipelineConfig(scale=(4096, 1440), crop_size=(64, 64))
     assert train_transform(img, label, plain, make_generator(0))["meta"]["img_shape"] == (1440, 2620)
+
+
+def test_rcs_joint_test_keeps_only_crops_that_pass_both(synth, tmp_path):
+    "VFM-UDA's rare class sampling: each draw is one crop, kept when it holds enough of the class and no class >= 75 %."
+    from hrda.datasets import RCSConfig, UDADataset
+    from hrda.train import build_datasets
+    cfg = load_config(TrainConfig, overrides={**SMALL, "source_root": str(synth / "source"), "target_root": str(synth / "target"),
+                                               "out_dir": str(tmp_path), "rcs_joint_cat_max": True, "rcs_max_reloads": 20})
+    pairs, _ = build_datasets(cfg)
+    assert pairs.source.pipeline.cat_max_ratio == 1.0 and pairs.rcs.joint_cat_max == 0.75 and pairs.rcs.max_reloads == 20
+    one_class = torch.full((8, 8), 3)  # all of class 3: enough of it, but one class covers everything
+    mixed = torch.cat([torch.full((8, 6), 3), torch.full((8, 2), 5)], 1)  # two classes, but class 3 covers 75 %
+    fine = torch.cat([torch.full((8, 4), 3), torch.full((8, 4), 5)], 1)  # 50 %: passes both tests
+    class Source:  # hands out the crops of one image in this order
+        def __init__(self): self.crops = iter([one_class, mixed, fine, one_class])
+        def load(self, k, g): return {"img": torch.zeros(3, 8, 8), "gt": next(self.crops), "meta": {}}
+    class Sampler:
+        def sample(self, g): return 3, 0
+    for joint, kept in ((0.75, fine), (None, one_class)):
+        ds = UDADataset.__new__(UDADataset)
+        ds.source, ds.target, ds.sampler, ds.seed = Source(), None, Sampler(), 0
+        ds.rcs = RCSConfig(min_pixels=5, min_crop_ratio=1.0, max_reloads=20, joint_cat_max=joint)
+        assert torch.equal(ds[0]["gt"], kept)
