@@ -19,10 +19,10 @@ from .crops import TensorBox
 from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
 # %% auto #0
-__all__ = ['FD_CLASSES', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_', 'confidence_weight',
-           'PseudoLabels', 'pseudo_label', 'classmix_masks', 'classmix_choices', 'classmix_masks_from', 'isin_few',
-           'mix', 'mix_batch', 'downscale_label_ratio', 'feature_distance', 'hold_in_dtype_', 'mic_batch',
-           'DACSStepOutput', 'read_logs', 'dacs_step']
+__all__ = ['FD_CLASSES', 'HOST_DRAWS', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_',
+           'confidence_weight', 'PseudoLabels', 'pseudo_label', 'classmix_masks', 'classmix_choices',
+           'classmix_masks_from', 'isin_few', 'mix', 'mix_batch', 'downscale_label_ratio', 'feature_distance',
+           'hold_in_dtype_', 'per_image_strong_augment', 'mic_batch', 'DACSStepOutput', 'read_logs', 'dacs_step']
 
 # %% ../nbs/05_dacs.ipynb #52834e73
 FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-distance classes (no pole)
@@ -58,6 +58,8 @@ class DACSConfig:
     def uses_host_draws(self) -> bool:
         "Whether a step draws on the host in ways a replayed step cannot fix beforehand (the VFM-UDA options)."
         return self.pseudo_flip or self.weak_jitter or self.strong_aug != "dacs" or self.mic_mask != "blocks"
+
+HOST_DRAWS = "pseudo_flip, weak_jitter, strong_aug=per_image and mic_mask=tokens draw per image while the step runs"
 
 # %% ../nbs/05_dacs.ipynb #04b0636a
 def ema_alpha(t: int, # the 0-based iteration
@@ -251,6 +253,14 @@ def hold_in_dtype_(model: nn.Module, # a frozen model that only runs under autoc
     return model
 
 # %% ../nbs/05_dacs.ipynb #9fe14c5a
+def per_image_strong_augment(img: torch.Tensor, # (B, 3, H, W) normalised
+                             generator: torch.Generator, # every draw
+                             cfg: DACSConfig, # jitter strength and chance, blur
+                            ) -> torch.Tensor:
+    "DACS's jitter (strength s, chance 1 − p) and blur (chance 0.5) drawn for each image, as VFM-UDA does."
+    return per_image_augment(img, generator, jitter=(cfg.color_jitter_strength,) * 4, jitter_p=1 - cfg.color_jitter_p,
+                             blur_p=0.5 * cfg.blur, mean=cfg.mean, std=cfg.std)
+
 def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
               gt: torch.Tensor, # (B, H, W) source labels
               trg: torch.Tensor, # (B, 3, H, W) normalised target images
@@ -262,8 +272,7 @@ def mic_batch(img: torch.Tensor, # (B, 3, H, W) normalised source images
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "(masked images, labels, weights) of the MIC pass: the target batch colour-augmented with its own draws, or one source and one target image."
     if cfg.mic_mode == "separatetrgaug" and cfg.strong_aug == "per_image":
-        m_img, m_gt, m_w = per_image_augment(trg, generator, jitter=(cfg.color_jitter_strength,) * 4, mean=cfg.mean,
-                                             jitter_p=1 - cfg.color_jitter_p, blur_p=0.5 * cfg.blur, std=cfg.std), pseudo_gt, pseudo_weight
+        m_img, m_gt, m_w = per_image_strong_augment(trg, generator, cfg), pseudo_gt, pseudo_weight
     elif cfg.mic_mode == "separatetrgaug" and draws is not None:
         m_img, m_gt, m_w = apply_strong_augment(trg, _prefixed(draws, "mic."), draws["mean"], draws["std"]), pseudo_gt, pseudo_weight
     elif cfg.mic_mode == "separatetrgaug":
@@ -328,8 +337,7 @@ def dacs_step(student: nn.Module, # the segmentor being trained
     img, gt = batch["img"], batch["gt"]
     gt = gt[:, 0] if gt.ndim == 4 else gt
     if draws is not None and cfg.uses_host_draws():
-        raise ValueError("pseudo_flip, weak_jitter, strong_aug=per_image and mic_mask=tokens draw per image while the step "
-                         "runs, which a replayed step cannot: train with step_mode=eager")
+        raise ValueError(f"{HOST_DRAWS}, which a replayed step cannot: train with step_mode=eager")
     capturing = img.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph keeps no autocast cache
     amp = lambda: torch.autocast(img.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=not capturing)
     backward = lambda loss, **kw: (scaler.scale(loss) if scaler is not None else loss).backward(**kw)
@@ -343,9 +351,8 @@ def dacs_step(student: nn.Module, # the segmentor being trained
     elif cfg.self_training: logs["ema_alpha"] = ema_step_(teacher, student, t, cfg.alpha)
     if draws is None: jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # 2. shared coins
     fd = imnet is not None and cfg.fd_lambda > 0
-    aug = lambda x, jitter, p, blur_p=0.0: per_image_augment(x, generator, jitter=jitter, jitter_p=p, blur_p=blur_p,
-                                                             mean=cfg.mean, std=cfg.std)
-    src_img = aug(img, WEAK_JITTER, 0.9) if cfg.weak_jitter else img
+    weak = lambda x: per_image_augment(x, generator, jitter=WEAK_JITTER, jitter_p=0.9, mean=cfg.mean, std=cfg.std)
+    src_img = weak(img) if cfg.weak_jitter else img
     src_w = None
     if cfg.source_ce == "labelled":  # the mean over labelled pixels, as a weight on the mean over all of them
         labelled = (gt != IGNORE_INDEX).float()
@@ -377,11 +384,9 @@ def dacs_step(student: nn.Module, # the segmentor being trained
                                  cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom, probabilities=cfg.pseudo_flip)
         if draws is not None: masks = classmix_masks_from(gt, draws["classmix"])  # 6. ClassMix from the source labels
         else: masks = classmix_masks(gt, generator, batch.get("source_classes"))
-        mix_img, mix_gt, mix_w = mix_batch(masks, img, aug(trg, WEAK_JITTER, 0.9) if cfg.weak_jitter else trg,
-                                           gt, pl, pw)  # 7. mix, then jitter and blur
+        mix_img, mix_gt, mix_w = mix_batch(masks, img, weak(trg) if cfg.weak_jitter else trg, gt, pl, pw)  # 7. mix, then jitter and blur
         if draws is not None: mix_img = apply_strong_augment(mix_img, _prefixed(draws, "mix."), draws["mean"], draws["std"])
-        elif cfg.strong_aug == "per_image":
-            mix_img = aug(mix_img, (cfg.color_jitter_strength,) * 4, 1 - cfg.color_jitter_p, 0.5 * cfg.blur)
+        elif cfg.strong_aug == "per_image": mix_img = per_image_strong_augment(mix_img, generator, cfg)
         else: mix_img = strong_augment(mix_img, generator, jitter_coin=jitter_coin, blur_coin=blur_coin,
                                        strength=cfg.color_jitter_strength, jitter_p=cfg.color_jitter_p, blur=cfg.blur,
                                        mean=cfg.mean, std=cfg.std)

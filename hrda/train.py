@@ -26,7 +26,7 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, provenanc
                          run_dir, run_name)
 from .core import ConfigError, autocast_dtype, get_logger, make_generator, seed_everything
 from .files import FolderLock, portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
-from .dacs import DACSConfig, dacs_step, hold_in_dtype_, read_logs
+from .dacs import HOST_DRAWS, DACSConfig, dacs_step, hold_in_dtype_, read_logs
 from .distill import distill_step
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
@@ -37,8 +37,8 @@ from .segmentor import SegmentorConfig, build_segmentor
 
 # %% auto #0
 __all__ = ['INIT_PARTS', 'IterationSampler', 'collate_tensors', 'collate_training', 'SyncCrop', 'build_datasets',
-           'NonFiniteLossError', 'read_log', 'RunLog', 'check_finite', 'init_from_run_', 'distill_teacher',
-           'GracefulStop', 'train', 'train_cli']
+           'NonFiniteLossError', 'read_log', 'RunLog', 'check_finite', 'run_checkpoint', 'init_from_run_',
+           'distill_teacher', 'GracefulStop', 'train', 'train_cli']
 
 # %% ../nbs/06a_train.ipynb #02ae9612
 class IterationSampler(Sampler[int]):
@@ -168,12 +168,17 @@ def _save(out: Path, t: int, cfg: TrainConfig, **state) -> Path:
 
 INIT_PARTS: tuple[str, ...] = ("backbone.", "decode_head.")  # what `init_from` carries over; a scale-attention head starts fresh
 
+def run_checkpoint(path: str | Path, # a training checkpoint, or a run folder
+                  ) -> Path:
+    "The checkpoint a path names: itself, or a run folder's checkpoints/latest.pth (relative paths: the repository's)."
+    path = resolve_path(path)
+    return path / "checkpoints" / "latest.pth" if path.is_dir() else path
+
 def init_from_run_(model: nn.Module, # a freshly built segmentor, changed in place
                    path: str | Path, # a training checkpoint, or a run folder holding checkpoints/latest.pth
                   ) -> list[str]:
     "Start `model`'s backbone and decode head from another run's student, as from pretrained weights; the keys left at their init."
-    path = resolve_path(path)
-    if path.is_dir(): path = path / "checkpoints" / "latest.pth"
+    path = run_checkpoint(path)
     weights = {k: v for k, v in load_checkpoint(path)["student"].items() if k.startswith(INIT_PARTS)}
     _, missing, unexpected = load_shape_checked(model, weights, f"init_from {path} does not fit this model",
                                                 "initialise from a run with the same backbone and decode head", ConfigError)
@@ -187,9 +192,7 @@ def distill_teacher(path: str | Path, # a trained run's checkpoint, or its run f
                     amp_dtype: torch.dtype | None = None, # the run's autocast dtype (the frozen weights are cast once)
                    ) -> nn.Module:
     "The frozen student of a trained run, rebuilt from its own config: the teacher of a distillation run."
-    path = resolve_path(path)
-    if path.is_dir(): path = path / "checkpoints" / "latest.pth"
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(run_checkpoint(path))
     known = {f.name for f in dataclasses.fields(SegmentorConfig)} - {"pretrained"}
     model = build_segmentor(load_config(SegmentorConfig, overrides={k: v for k, v in ckpt["config"].items() if k in known}))
     model.load_state_dict(ckpt["student"])
@@ -260,8 +263,7 @@ def train(cfg: TrainConfig, # the run
         raise ConfigError(f"step_mode=graph needs one CUDA device, fp32, tf32 or bf16 and no activation checkpointing "
                           f"(here {device.type}, {world} process(es), {cfg.precision}); use step_mode=replay or eager")
     if cfg.step_mode != "eager" and narrow(DACSConfig, cfg).uses_host_draws():
-        raise ConfigError(f"pseudo_flip, weak_jitter, strong_aug=per_image and mic_mask=tokens draw per image while the "
-                          f"step runs, which step_mode={cfg.step_mode} cannot replay: use step_mode=eager")
+        raise ConfigError(f"{HOST_DRAWS}, which step_mode={cfg.step_mode} cannot replay: use step_mode=eager")
     if cfg.distill_from and (cfg.step_mode != "eager" or not cfg.self_training):
         raise ConfigError("distill_from trains on the target images with the eager step: keep self_training=true and "
                           "step_mode=eager")
