@@ -9,8 +9,8 @@ Usage (from the repository root):
     .venv/bin/python benchmarks/bench_cost.py --experiments gta2cs_hrda vfmuda_gta2cs_vitl --ops-crop 64
 
 FLOPs count 2 per multiply-add of matrix products, attention and convolutions (torch's FlopCounterMode, with the
-backward of grouped convolutions corrected: benchmarks/flops.py); element-wise work, normalisation and the
-optimiser are not counted. This is a benchmark: it prints numbers and asserts nothing.
+backward of grouped convolutions corrected: benchmarks/flops.py); element-wise work, normalisation, the bilinear
+sampling of deformable attention (VFM-UDA++'s adapter) and the optimiser are not counted. This is a benchmark: it prints numbers and asserts nothing.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from hrda.config import TrainConfig, load_config, narrow  # noqa: E402
 from hrda.files import write_json, write_text  # noqa: E402
 from hrda.segmentor import SegmentorConfig, build_segmentor  # noqa: E402
 
-DEFAULT = ["gta2cs_hrda", "mic_gta2cs_hrda", "vfmuda_gta2cs_vitb", "vfmuda_gta2cs_vitl", "hrda_gta2cs_dinov2b", "mic_hrda_gta2cs_dinov2b"]
+DEFAULT = ["gta2cs_hrda", "mic_gta2cs_hrda", "vfmuda_gta2cs_vitb", "vfmuda_gta2cs_vitl", "vfmudapp_gta2cs_vitl", "hrda_gta2cs_dinov2b",
+           "mic_hrda_gta2cs_dinov2b"]
 
 
 def experiment_config(name: str, overrides: list[str]) -> TrainConfig:
@@ -86,7 +87,8 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = ["# Training and test cost per experiment (counted, not timed)", "",
              f"torch {result['torch']}, python {result['python']}; operators counted at a {result['ops_crop']}-px context "
-             f"crop on the CPU ({result['cpu']}), FLOPs at each experiment's own batch and crops on the meta device.", "",
+             f"crop on the CPU ({result['cpu']}), FLOPs at each experiment's own batch and crops on the meta device (matrix "
+             f"products, attention and convolutions; not the element-wise work, norms, deformable sampling or optimiser).", "",
              f"Command: `{result['command']}`", "",
              "| experiment | encoder | multi-resolution | parameters (M) | batch (source + target) | context crop | detail crop "
              "| TFLOP / iteration | TFLOP / image pair | operators / iteration | host reads / iteration "

@@ -33,7 +33,8 @@ from flops import flop_counter  # noqa: E402
 from hrda.config import TrainConfig, load_config, narrow  # noqa: E402
 from hrda.core import autocast_dtype, get_device, make_generator  # noqa: E402
 from hrda.files import write_json, write_text  # noqa: E402
-from hrda.dacs import DACSConfig, dacs_step, hold_in_dtype_  # noqa: E402
+from hrda.dacs import DACSConfig, dacs_step  # noqa: E402
+from hrda.features import FrozenFeatureTarget, hold_in_dtype_  # noqa: E402
 from hrda.optim import build_optimizer  # noqa: E402
 from hrda.replay import ReplayStep  # noqa: E402
 from hrda.segmentor import SegmentorConfig, build_segmentor  # noqa: E402
@@ -101,6 +102,8 @@ def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: b
     teacher = copy.deepcopy(student).requires_grad_(False)
     imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval() if cfg.fd_lambda > 0 else None
     if imnet is not None: hold_in_dtype_(imnet, amp)  # as the training loop does
+    target = None  # VFM-UDA++'s frozen DINOv2 (random weights: the cost does not depend on them)
+    if cfg.feature_distill_lambda > 0: target = hold_in_dtype_(FrozenFeatureTarget(cfg.feature_target, cfg.feature_target_size).to(device), amp)
     if checkpointing:  # only the student trains; MiT backbones recompute block activations in backward
         if not hasattr(student.backbone, "grad_checkpoint"):
             raise SystemExit(f"--checkpointing needs a MiT backbone, not {cfg.backbone}")
@@ -115,7 +118,7 @@ def make_step(cfg: TrainConfig, device: torch.device, precision: str, compile: b
     dcfg = narrow(DACSConfig, cfg)
     batch = random_batch(cfg, device, make_generator(0, "batch"))
     if step_mode == "eager":
-        return (lambda t: dacs_step(student, teacher, imnet, optimizer, batch, t, g, dcfg, amp, scaler)), student
+        return (lambda t: dacs_step(student, teacher, imnet, optimizer, batch, t, g, dcfg, amp, scaler, feature_target=target)), student
     replay = ReplayStep(student, teacher, imnet, optimizer, dcfg, amp, scaler, graph=step_mode == "graph", warmup=GRAPH_WARMUP)
     step = lambda t: replay(batch, t, g)
     step.replay = replay

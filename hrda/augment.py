@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from .core import MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
 # %% auto #0
-__all__ = ['JITTER_OPS', 'WEAK_JITTER', 'denormalize', 'renormalize', 'rgb_to_hsv', 'hsv_to_rgb', 'sample_jitter_params',
-           'color_jitter', 'color_jitter_by_index', 'blur_kernel_size', 'gaussian_kernel1d', 'gaussian_blur',
-           'blur_kernels', 'blur_with_kernels', 'strong_augment', 'draw_strong_augment', 'apply_strong_augment',
-           'block_mask', 'draw_block_grid', 'mask_from_grid', 'per_image_augment']
+__all__ = ['JITTER_OPS', 'WEAK_JITTER', 'STRONG_SOURCE_JITTER', 'denormalize', 'renormalize', 'rgb_to_hsv', 'hsv_to_rgb',
+           'sample_jitter_params', 'color_jitter', 'color_jitter_by_index', 'blur_kernel_size', 'gaussian_kernel1d',
+           'gaussian_blur', 'blur_kernels', 'blur_with_kernels', 'strong_augment', 'draw_strong_augment',
+           'apply_strong_augment', 'block_mask', 'draw_block_grid', 'mask_from_grid', 'per_image_augment']
 
 # %% ../nbs/04b_augment.ipynb #d5184c5b
 def denormalize(img: torch.Tensor, # (B, 3, H, W) normalised
@@ -237,6 +237,7 @@ def mask_from_grid(grid: torch.Tensor, # from `draw_block_grid`
 
 # %% ../nbs/04b_augment.ipynb #9816652b
 WEAK_JITTER: tuple[float, float, float, float] = (32 / 255, 0.5, 0.5, 18 / 360)  # VFM-UDA's (b, c, s, h) of source and target
+STRONG_SOURCE_JITTER: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.4)  # VFM-UDA++'s of the source (p 0.8, then grey p 0.1, blur σ U(0.15, 3) p 0.5)
 
 def _uniform(lo: float, hi: float, generator: torch.Generator) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
@@ -246,11 +247,12 @@ def per_image_augment(img: torch.Tensor, # (B, 3, H, W) normalised
                       *,
                       jitter: Sequence[float] = (0.2, 0.2, 0.2, 0.2), # (brightness, contrast, saturation, hue) ranges
                       jitter_p: float = 0.8, # chance that an image is jittered
+                      gray_p: float = 0.0, # chance that an image is turned grey (after the jitter)
                       blur_p: float = 0.0, # chance that an image is blurred
                       blur_sigma: tuple[float, float] = (0.15, 1.15), # σ range of the blur
                       mean: Sequence[float] = IMG_MEAN, std: Sequence[float] = IMG_STD,
                      ) -> torch.Tensor:
-    "torchvision's RandomApply(ColorJitter) then RandomApply(GaussianBlur), drawn for each image, on [0, 1] RGB."
+    "torchvision's RandomApply(ColorJitter), RandomGrayscale and RandomApply(GaussianBlur), drawn for each image, on [0, 1] RGB."
     import torchvision.transforms.v2.functional as TF
     b, c, s, h = jitter
     ops = (lambda x, f: TF.adjust_brightness(x, f), lambda x, f: TF.adjust_contrast(x, f),
@@ -263,6 +265,8 @@ def per_image_augment(img: torch.Tensor, # (B, 3, H, W) normalised
             factors = (_uniform(max(0.0, 1 - b), 1 + b, generator), _uniform(max(0.0, 1 - c), 1 + c, generator),
                        _uniform(max(0.0, 1 - s), 1 + s, generator), _uniform(-h, h, generator))
             for k in order: xi = ops[k](xi, factors[k])
+        if gray_p > 0 and float(torch.rand((), generator=generator, dtype=torch.float64)) < gray_p:
+            xi = TF.rgb_to_grayscale(xi, num_output_channels=3)
         if blur_p > 0 and float(torch.rand((), generator=generator, dtype=torch.float64)) <= blur_p:
             xi = gaussian_blur(xi, [_uniform(*blur_sigma, generator)], kernel)
         out.append(xi)

@@ -18,6 +18,7 @@ from torch import nn
 from .core import get_logger
 from .mit import MIT_CONFIGS, mit
 from .vit import DINOV2_ARCHS, DINOV2_HELP, DinoVisionEncoder
+from .vit_adapter import ADAPTER_ARCHS, ADAPTER_HELP, DinoAdapterEncoder
 
 # %% auto #0
 __all__ = ['WEIGHTS_HELP', 'BACKBONES', 'conv_norm_act', 'BasicBlock', 'SmallCNN', 'TimmBackbone', 'check_weights_file',
@@ -196,17 +197,18 @@ def load_pretrained(model: nn.Module, # a backbone (MixTransformer, SmallCNN, Ti
     return report
 
 # %% ../nbs/03a_backbones.ipynb #b80809ba
-BACKBONES: tuple[str, ...] = (*MIT_CONFIGS, *DINOV2_ARCHS, "cnn", "timm:<name>")
+BACKBONES: tuple[str, ...] = (*MIT_CONFIGS, *DINOV2_ARCHS, *ADAPTER_ARCHS, "cnn", "timm:<name>")
 
-def create_backbone(name: str, # 'mit_b0'..'mit_b5', 'dinov2_vit{s,b,l,g}14[_reg]', 'vit_tiny14', 'cnn' or 'timm:<model name>'
+def create_backbone(name: str, # 'mit_b0'..'mit_b5', 'dinov2_vit{s,b,l,g}14[_reg]', 'vit_tiny14', the same + '_adapter', 'cnn' or 'timm:<model name>'
                     pretrained: str | Path | None = None, # local weights file (never downloaded)
                     **kwargs, # constructor arguments (e.g. drop_path_rate, widths, norm, generator)
                    ) -> nn.Module:
     "A backbone by name, with `out_channels` and `strides`; optionally loads local pretrained weights."
     if pretrained is not None:  # fail before building a large model
-        check_weights_file(pretrained, DINOV2_HELP if name in DINOV2_ARCHS else WEIGHTS_HELP)
+        check_weights_file(pretrained, DINOV2_HELP if name in DINOV2_ARCHS else ADAPTER_HELP if name in ADAPTER_ARCHS else WEIGHTS_HELP)
     if name in MIT_CONFIGS: model = mit(name, **kwargs)
     elif name in DINOV2_ARCHS: model = DinoVisionEncoder(name, **kwargs)
+    elif name in ADAPTER_ARCHS: model = DinoAdapterEncoder(ADAPTER_ARCHS[name], **kwargs)
     elif name == "cnn": model = SmallCNN(**kwargs)
     elif name.startswith("timm:"): model = TimmBackbone(name[len("timm:"):], **kwargs)
     else: raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -211,6 +211,7 @@ def resolve_paths(cfg: TrainConfig, # a config whose paths may be relative
     fix = lambda p: str(resolve_path(p, base)) if p else p
     return dataclasses.replace(cfg, source_root=fix(cfg.source_root), target_root=fix(cfg.target_root),
                                pretrained=fix(cfg.pretrained) or None, init_from=fix(cfg.init_from) or None,
+                               feature_target_weights=fix(cfg.feature_target_weights) or None,
                                out_dir=fix(cfg.out_dir))
 
 # %% ../nbs/05c_config.ipynb #0a4fbe9e

@@ -6,27 +6,25 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from .augment import WEAK_JITTER, apply_strong_augment, block_mask, mask_from_grid, per_image_augment, strong_augment
+from .augment import STRONG_SOURCE_JITTER, WEAK_JITTER, apply_strong_augment, block_mask, mask_from_grid, per_image_augment, strong_augment
+from .features import FD_CLASSES, distill_passes, feature_distance, isin_few
 from .vit import masked_tokens
+from .vit_adapter import distilling, distilling_encoder
 from .crops import TensorBox
 from .core import IGNORE_INDEX, allowed, MEAN as IMG_MEAN, STD as IMG_STD  # the ImageNet normalisation of the loaders
 
 # %% auto #0
-__all__ = ['FD_CLASSES', 'HOST_DRAWS', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_',
-           'confidence_weight', 'PseudoLabels', 'pseudo_label', 'classmix_masks', 'classmix_choices',
-           'classmix_masks_from', 'isin_few', 'mix', 'mix_batch', 'downscale_label_ratio', 'feature_distance',
-           'hold_in_dtype_', 'per_image_strong_augment', 'mic_batch', 'DACSStepOutput', 'read_logs', 'dacs_step']
+__all__ = ['HOST_DRAWS', 'DACSConfig', 'ema_alpha', 'ema_init_', 'ema_update_', 'ema_step_', 'teacher_mode_', 'confidence_weight',
+           'PseudoLabels', 'pseudo_label', 'classmix_masks', 'classmix_choices', 'classmix_masks_from', 'mix',
+           'mix_batch', 'per_image_strong_augment', 'mic_batch', 'DACSStepOutput', 'read_logs', 'dacs_step']
 
 # %% ../nbs/05_dacs.ipynb #52834e73
-FD_CLASSES: tuple[int, ...] = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # feature-distance classes (no pole)
-
 @dataclass
 class DACSConfig:
     "The self-training options of one DACS/HRDA iteration (defaults: the paper's final run)."
@@ -54,12 +52,19 @@ class DACSConfig:
     weak_jitter: bool = False  # VFM-UDA: per-image colour jitter (b 32/255, c 0.5, s 0.5, h 18/360, p 0.9) of the source, and of the target before mixing
     strong_aug: Literal["dacs", "per_image"] = "dacs"  # jitter and blur of the mixed and MIC images: DACS's (coins shared by the batch) or drawn per image (VFM-UDA)
     source_ce: Literal["all", "labelled"] = "all"  # the source CE averaged over all pixels (HRDA) or over the labelled ones (VFM-UDA)
+    strong_source_aug: bool = False  # VFM-UDA++: the source CE pass sees ColorJitter(0.8, 0.8, 0.8, 0.4) p 0.8, grey p 0.1, blur σ ∈ U(0.15, 3) p 0.5, per image (instead of weak_jitter's)
+    feature_distill_lambda: float = field(default=0.0, metadata=allowed('>= 0'))  # VFM-UDA++: weight of each of two passes (source, target) distilling a frozen DINOv2's features (0.1); 0: off
+    feature_target: str = "dinov2_vitl14_reg"  # that frozen DINOv2 (the student needs backbone_kwargs distill_channels = its width)
+    feature_target_size: int = field(default=406, metadata=allowed('> 0'))  # the side its inputs are resized to (406: 29×29 tokens)
+    feature_target_weights: str | None = None  # its local weights (dinov2_vitl14_reg4_pretrain.pth); None: random, for tests only
 
     def uses_host_draws(self) -> bool:
         "Whether a step draws on the host in ways a replayed step cannot fix beforehand (the VFM-UDA options)."
-        return self.pseudo_flip or self.weak_jitter or self.strong_aug != "dacs" or self.mic_mask != "blocks"
+        return (self.pseudo_flip or self.weak_jitter or self.strong_aug != "dacs" or self.mic_mask != "blocks"
+                or self.strong_source_aug or self.feature_distill_lambda > 0)
 
-HOST_DRAWS = "pseudo_flip, weak_jitter, strong_aug=per_image and mic_mask=tokens draw per image while the step runs"
+HOST_DRAWS = ("pseudo_flip, weak_jitter, strong_aug=per_image, mic_mask=tokens, strong_source_aug and feature distillation "
+              "draw per image while the step runs")
 
 # %% ../nbs/05_dacs.ipynb #04b0636a
 def ema_alpha(t: int, # the 0-based iteration
@@ -173,12 +178,6 @@ def classmix_masks_from(labels: torch.Tensor, # (B, H, W) source labels
     "The ClassMix masks (B, H, W) bool of drawn choices: where each image's label is one of its values."
     return isin_few(labels, choices[:, None, None, :])
 
-def isin_few(x: torch.Tensor, # (...) values to look up
-             values: torch.Tensor, # (..., n) a few values, broadcast against x's shape + (n,)
-            ) -> torch.Tensor:
-    "`torch.isin` for a few values by comparison: never its sorting path, whose `unique` has a data-dependent shape."
-    return (x.unsqueeze(-1) == values).any(-1)
-
 def mix(mask: torch.Tensor, # (B, H, W) bool, True = take `src`
         src: torch.Tensor, # (B, H, W) or (B, C, H, W)
         trg: torch.Tensor, # the same shape as `src`
@@ -196,61 +195,6 @@ def mix_batch(mask: torch.Tensor, # (B, H, W) bool ClassMix masks
     "The mixed images, labels and pixel weights (source pixels weigh 1)."
     return (mix(mask, src_img, trg_img), mix(mask, src_gt, pseudo_gt),
             mix(mask, torch.ones_like(pseudo_weight), pseudo_weight))
-
-# %% ../nbs/05_dacs.ipynb #2fb28289
-def downscale_label_ratio(label: torch.Tensor, # (B, H, W) int64 with IGNORE_INDEX
-                          factor: int, # cell size in label pixels
-                          min_ratio: float = 0.75, # minimum share of the majority class
-                          num_classes: int = 19, # C; ignore is counted as class C
-                          ignore_index: int = IGNORE_INDEX,
-                         ) -> torch.Tensor:
-    "The majority label (B, H // factor, W // factor) of each cell, 255 where it is ignore or below `min_ratio`."
-    B, H, W = label.shape
-    h, w = H // factor, W // factor
-    lab = torch.where(label == ignore_index, num_classes, label)[:, :h * factor, :w * factor]
-    cells = lab.reshape(B, h, factor, w, factor)
-    counts = torch.zeros((B, h, w, num_classes + 1), dtype=torch.long, device=label.device)  # per cell and class
-    counts.view(B * h * w, -1).scatter_add_(1, cells.permute(0, 1, 3, 2, 4).reshape(B * h * w, -1),
-                                             torch.ones((1, 1), dtype=torch.long, device=label.device).expand(B * h * w, factor * factor))
-    best_n, best = counts.max(dim=-1)  # the lowest class on ties, like argmax
-    ratio = best_n.float() / (factor * factor)
-    return torch.where((best == num_classes) | (ratio < min_ratio), ignore_index, best)
-
-# %% ../nbs/05_dacs.ipynb #c3f33b71
-def feature_distance(student_feat: torch.Tensor, # (B, C, h, w) student bottleneck features (grad flows)
-                     imnet_feat: torch.Tensor, # (B, C, h, w) frozen ImageNet-model features of the same images
-                     label: torch.Tensor, # (B, H, W) source labels
-                     classes: Sequence[int] | None = FD_CLASSES, # cells of these classes; None = all cells
-                     lam: float = 0.005, # λ
-                     min_ratio: float = 0.75, # see `downscale_label_ratio`
-                     num_classes: int = 19,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "λ × mean L2 feature distance over the masked cells, and the mask (B, h, w); a constant 0 when the mask is empty."
-    diff = student_feat.float() - imnet_feat.detach().float()
-    dist = torch.linalg.vector_norm(diff, ord=2, dim=1)  # (B, h, w)
-    if classes is None: mask = torch.ones_like(dist, dtype=torch.bool)
-    else:
-        factor = label.shape[-1] // dist.shape[-1]
-        small = downscale_label_ratio(label, factor, min_ratio, num_classes)
-        if small.shape != dist.shape:
-            raise ValueError(f"labels {tuple(label.shape)} pooled by {factor} give {tuple(small.shape)}, "
-                             f"but the features are {tuple(dist.shape)}; pass the labels of the images the features come from")
-        mask = isin_few(small, _class_tensor(tuple(classes), small.device))
-    count = mask.sum()  # an empty mask gives 0 (the original's NaN mean, made a no-op), with no data-dependent shape
-    return lam * torch.where(mask, dist, 0.0).sum() / count.clamp(min=1), mask
-
-@functools.lru_cache(maxsize=16)
-def _class_tensor(classes: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(classes, device=device)  # copied once per device: a captured step may not copy from the host
-
-def hold_in_dtype_(model: nn.Module, # a frozen model that only runs under autocast (the ImageNet model of FD)
-                   dtype: torch.dtype | None, # the autocast dtype; None (float32 training) leaves the model as it is
-                  ) -> nn.Module:
-    "Store the Linear and Conv weights in `dtype` once, so autocast does not cast them at every use (norms stay float32)."
-    if dtype is not None:
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)): m.to(dtype)
-    return model
 
 # %% ../nbs/05_dacs.ipynb #9fe14c5a
 def per_image_strong_augment(img: torch.Tensor, # (B, 3, H, W) normalised
@@ -328,14 +272,18 @@ def dacs_step(student: nn.Module, # the segmentor being trained
               scaler: torch.amp.GradScaler | None = None, # loss scaler for float16
               return_debug: bool = False, # also return the intermediate tensors
               draws: dict[str, torch.Tensor] | None = None, # every draw made beforehand (`hrda.replay.draw_step`), on the device
+              feature_target: nn.Module | None = None, # the frozen DINOv2 of feature distillation (`hrda.features.FrozenFeatureTarget`)
              ) -> DACSStepOutput:
-    "One DACS/HRDA self-training iteration in the original order: two backward passes (source with FD, mixed; MIC adds one), one step."
+    "One DACS/HRDA self-training iteration in the original order: two backward passes (source with FD, mixed; MIC adds one, VFM-UDA++'s distillation two), one step."
     cfg = cfg or DACSConfig()
     if cfg.self_training and (teacher is None or "target_img" not in batch):
         raise ValueError("self-training needs a teacher and batch['target_img']; "
                          "for source-only training pass cfg=DACSConfig(self_training=False)")
     img, gt = batch["img"], batch["gt"]
     gt = gt[:, 0] if gt.ndim == 4 else gt
+    if cfg.feature_distill_lambda > 0 and feature_target is None:
+        raise ValueError("feature distillation needs the frozen target model: pass feature_target (`hrda.features.FrozenFeatureTarget`)")
+    if cfg.feature_distill_lambda > 0: distilling_encoder(student)  # fails before any pass without a distillation head
     if draws is not None and cfg.uses_host_draws():
         raise ValueError(f"{HOST_DRAWS}, which a replayed step cannot: train with step_mode=eager")
     capturing = img.is_cuda and torch.cuda.is_current_stream_capturing()  # a CUDA graph keeps no autocast cache
@@ -352,7 +300,9 @@ def dacs_step(student: nn.Module, # the segmentor being trained
     if draws is None: jitter_coin, blur_coin = torch.rand(2, generator=generator, dtype=torch.float64).tolist()  # 2. shared coins
     fd = imnet is not None and cfg.fd_lambda > 0
     weak = lambda x: per_image_augment(x, generator, jitter=WEAK_JITTER, jitter_p=0.9, mean=cfg.mean, std=cfg.std)
-    src_img = weak(img) if cfg.weak_jitter else img
+    strong_src = lambda x: per_image_augment(x, generator, jitter=STRONG_SOURCE_JITTER, jitter_p=0.8, gray_p=0.1, blur_p=0.5,
+                                             blur_sigma=(0.15, 3.0), mean=cfg.mean, std=cfg.std)
+    src_img = strong_src(img) if cfg.strong_source_aug else weak(img) if cfg.weak_jitter else img
     src_w = None
     if cfg.source_ce == "labelled":  # the mean over labelled pixels, as a weight on the mean over all of them
         labelled = (gt != IGNORE_INDEX).float()
@@ -407,6 +357,11 @@ def dacs_step(student: nn.Module, # the segmentor being trained
             logs.update({f"masked.decode.{k}": v for k, v in masked["logs"].items()})
             debug.update(mic_img=m_img, mic_gt=m_gt, mic_weight=m_w, mic_maps=masked.get("maps"))
             del masked
-    if scaler is not None: scaler.step(optimizer); scaler.update()  # 10. one optimiser step
+        if cfg.feature_distill_lambda > 0:  # 10. VFM-UDA++: the student's features of the weakly jittered images → a frozen DINOv2's
+            no_label = torch.full_like(gt, IGNORE_INDEX)  # a full forward as the original's, its logits untrained
+            features = lambda x: _train_forward(student, x, no_label, generator=generator, return_features=True)["features"][-1]
+            with distilling(student):  # the encoder appends its projection to its maps
+                logs.update(distill_passes(features, feature_target, {"src": img, "trg": trg}, weak, cfg.feature_distill_lambda, amp, backward))
+    if scaler is not None: scaler.step(optimizer); scaler.update()  # 11. one optimiser step
     else: optimizer.step()
     return DACSStepOutput(logs, debug if return_debug else None)

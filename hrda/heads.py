@@ -15,7 +15,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['Norm', 'HEADS', 'group_count', 'make_norm', 'ConvNormAct', 'LinearEmbed', 'SeparableConv', 'SeparableASPP',
            'init_linear_default', 'init_conv_norm', 'init_classifier', 'resize_to', 'DAFormerHead',
-           'ScaleAttentionHead', 'SegFormerHead', 'DLV2Head', 'LayerNorm2d', 'LightweightHead', 'create_head']
+           'ScaleAttentionHead', 'SegFormerHead', 'DLV2Head', 'LayerNorm2d', 'LightweightHead', 'PyramidHead',
+           'create_head']
 
 # %% ../nbs/03b_heads.ipynb #4fa0f6bc
 Norm = Literal["bn", "gn"]
@@ -297,12 +298,64 @@ class LightweightHead(nn.Module):
                ) -> torch.Tensor: # (B, K, 4·H, 4·W)
         return self.conv_seg(self.upscale(features[-1]))
 
+# %% ../nbs/03b_heads.ipynb #225bc157
+class _Upscale(nn.Module):
+    "The pyramid head's body: three upsample-add-smooth stages from the coarsest level, then a 3×3 conv."
+    def __init__(self, in_channels: Sequence[int]):
+        super().__init__()
+        D = in_channels[-1]
+        widths = (D // 2, D // 4, D // 8)
+        for i, (cin, cout, lateral) in enumerate(zip((D,) + widths[:2], widths, in_channels[2::-1]), start=1):
+            setattr(self, f"up_conv{i}", nn.ConvTranspose2d(cin, cout, 2, 2))
+            setattr(self, f"reduce_conv{i}", nn.Conv2d(lateral, cout, 1))
+            setattr(self, f"smooth_conv{i}", nn.Conv2d(cout, cout, 3, padding=1))
+            setattr(self, f"norm{i}", nn.BatchNorm2d(cout, momentum=0.01))
+        self.smooth_conv4, self.act = nn.Conv2d(D // 8, D // 8, 3, padding=1), nn.ReLU(inplace=True)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = features[3]
+        for i, lateral in zip((1, 2, 3), (features[2], features[1], features[0])):
+            up, reduce = getattr(self, f"up_conv{i}")(x), getattr(self, f"reduce_conv{i}")(lateral)
+            x = self.act(getattr(self, f"norm{i}")(getattr(self, f"smooth_conv{i}")(resize_to(up, reduce.shape[-2:]) + reduce)))
+        return self.smooth_conv4(x)
+
+class PyramidHead(nn.Module):
+    "VFM-UDA++'s decoder of a 4-level pyramid: FPN-like upsampling from stride 32 to 4, a 1×1 classifier."
+    def __init__(self, in_channels: Sequence[int], # channels of the 4 levels (strides 4..32); D = the last
+                 num_classes: int, # output channels K
+                 in_strides: Sequence[int] = (4, 8, 16, 32), # the levels' strides (the logits are at the first)
+                 classifier_std: float = 0.1, # std of the classifier's normal init
+                 generator: torch.Generator | None = None, # init randomness (None: torch's global generator)
+                ):
+        super().__init__()
+        if len(in_channels) != 4 or in_channels[-1] % 8:
+            raise ValueError(f"the pyramid head needs 4 levels, the last of a width divisible by 8; got {tuple(in_channels)}")
+        self.in_channels, self.num_classes, self.classifier_std = tuple(in_channels), num_classes, classifier_std
+        with torch.random.fork_rng(devices=[]):  # the layers' default init draws are replaced in init_weights
+            self.upscale = _Upscale(in_channels)
+            self.conv_seg = nn.Conv2d(in_channels[-1] // 8, num_classes, 1, bias=False)
+        self.output_stride = int(in_strides[0])
+        self.init_weights(generator)
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        "Kaiming-uniform (ReLU) convs, on fan-out for the transposed ones; zero biases; unit norms; normal classifier."
+        for m in self.upscale.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                mode = "fan_out" if isinstance(m, nn.ConvTranspose2d) else "fan_in"
+                nn.init.kaiming_uniform_(m.weight, mode=mode, nonlinearity="relu", generator=generator); nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+        init_classifier(self.conv_seg, self.classifier_std, generator)
+
+    def forward(self, features: Sequence[torch.Tensor], # 4 maps, finest first (more are ignored)
+               ) -> torch.Tensor: # (B, K, H_0, W_0) at the finest level's grid
+        return self.conv_seg(self.upscale(features[:4]))  # a fifth map (a distillation projection) is not read
+
 # %% ../nbs/03b_heads.ipynb #e7899092
 HEADS: dict[str, type[nn.Module]] = {
     "daformer": DAFormerHead, "attention": ScaleAttentionHead, "segformer": SegFormerHead, "dlv2": DLV2Head,
-    "lightweight": LightweightHead}
+    "lightweight": LightweightHead, "pyramid": PyramidHead}
 
-def create_head(name: str, # one of HEADS: 'daformer', 'attention', 'segformer', 'dlv2', 'lightweight'
+def create_head(name: str, # one of HEADS: 'daformer', 'attention', 'segformer', 'dlv2', 'lightweight', 'pyramid'
                 in_channels: Sequence[int], # channels of each backbone level, finest first
                 num_classes: int, # output channels K
                 **kwargs, # passed to the head class

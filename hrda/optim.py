@@ -53,7 +53,7 @@ def layerwise_param_groups(model: nn.Module, # the student segmentor with a ViT 
                            backbone_lr_mult: float = 0.1, # the encoder's multiple of `lr`
                            layer_decay: float = 1.0, # per-block decay from the last block down (1: none)
                           ) -> list[dict]:
-    "VFM-UDA's groups: heads at `lr`, encoder block i at lr·mult·decay^(L−1−i), its embeddings and final norm at lr·mult·decay^L."
+    "VFM-UDA's groups: heads (and a ViT-Adapter's own parts) at `lr`, ViT block i at lr·mult·decay^(L−1−i), its embeddings and final norm at lr·mult·decay^L."
     depth = getattr(getattr(model, "backbone", None), "depth", None)
     if depth is None:
         raise ValueError(f"layer-wise learning rates need a ViT encoder (backbone=dinov2_* or vit_tiny14), not "
@@ -62,7 +62,8 @@ def layerwise_param_groups(model: nn.Module, # the student segmentor with a ViT 
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
         inner = name.removeprefix("backbone.")
-        mult = backbone_lr_mult * layerwise_lr_mult(vit_layer_of(inner, depth), depth, layer_decay) if inner != name else 1.0
+        in_vit = inner != name and (inner.startswith("vit.") or inner == "mask_token")  # not the adapter (VFM-UDA++: at lr)
+        mult = backbone_lr_mult * layerwise_lr_mult(vit_layer_of(inner, depth), depth, layer_decay) if in_vit else 1.0
         g = groups.setdefault(mult, dict(params=[], lr=lr * mult, weight_decay=weight_decay, lr_mult=mult, decay_mult=1.0))
         g["params"].append((name, p))
     return list(groups.values())

@@ -17,6 +17,7 @@ from .core import get_logger
 from .files import save_torch
 from .segmentor import EncoderDecoder
 from .vit import convert_dinov2_state_dict
+from .vit_adapter import ADAPTER_PARTS, convert_adapter_state_dict
 
 # %% auto #0
 __all__ = ['MODEL_PREFIXES', 'VFMUDA_PREFIXES', 'to_mmseg_keys', 'from_mmseg_keys', 'from_vfmuda_keys', 'ReleasedCheckpointError',
@@ -51,9 +52,10 @@ def from_mmseg_keys(state: dict[str, torch.Tensor], # keys of one segmentor, its
 
 def from_vfmuda_keys(state: dict[str, torch.Tensor], # one VFM-UDA network's keys, its prefix ('network.') removed
                     ) -> dict[str, torch.Tensor]:
-    "A VFM-UDA network (encoder.*, upscale.*, out.*) under our single-scale `EncoderDecoder` names (lightweight head)."
+    "A VFM-UDA(++) network (encoder.*, upscale.*, out.*) under our single-scale `EncoderDecoder` names (lightweight or pyramid head)."
     encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    out = {"backbone." + k: v for k, v in convert_dinov2_state_dict(encoder)[0].items()}
+    adapter = any(k.startswith(ADAPTER_PARTS) for k in encoder)  # VFM-UDA++: a ViT-Adapter around the ViT
+    out = {"backbone." + k: v for k, v in (convert_adapter_state_dict if adapter else convert_dinov2_state_dict)(encoder)[0].items()}
     for k, v in state.items():
         if k.startswith("upscale."): out["decode_head." + k] = v
         elif k == "out.weight": out["decode_head.conv_seg.weight"] = v
@@ -100,6 +102,9 @@ def select_model(state: dict[str, torch.Tensor], # a whole checkpoint's state di
         prefix = VFMUDA_PREFIXES[which]
         picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not picked: raise ReleasedCheckpointError(f"{source} holds no VFM-UDA {which} (keys '{prefix}*'): load the student")
+        if which == "student":  # VFM-UDA++'s distillation head, kept in our encoder
+            picked.update({"encoder.distill_head." + k[len("network_feature_head."):]: v for k, v in state.items()
+                           if k.startswith("network_feature_head.")})
         return from_vfmuda_keys(picked), len(state) - len(picked)
     prefix = MODEL_PREFIXES[which]
     picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

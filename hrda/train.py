@@ -26,7 +26,8 @@ from .config import (TrainConfig, config_to_dict, load_config, narrow, provenanc
                          run_dir, run_name)
 from .core import ConfigError, autocast_dtype, get_logger, make_generator, seed_everything
 from .files import FolderLock, portable_path, portable_record, resolve_path, write_json, write_text, write_yaml
-from .dacs import HOST_DRAWS, DACSConfig, dacs_step, hold_in_dtype_, read_logs
+from .dacs import HOST_DRAWS, DACSConfig, dacs_step, read_logs
+from .features import FrozenFeatureTarget, hold_in_dtype_
 from .distill import distill_step
 from .datasets import PipelineConfig, RCSConfig, SegDataset, UDADataset, ValDataset
 from .distributed import average_logs, barrier, init_distributed, resolve_device, unwrap, wrap_ddp
@@ -295,6 +296,9 @@ def _train_locked(cfg: TrainConfig, stop_after: int | None, device, rank: int, w
         imnet = build_segmentor(narrow(SegmentorConfig, cfg)).to(device).requires_grad_(False).eval()
         hold_in_dtype_(imnet, autocast_dtype(cfg.precision, device))  # frozen: cast once, not at every forward
     elif cfg.fd_lambda > 0 and main: log.info("feature distance disabled: it needs ImageNet weights (set pretrained)")
+    target = None  # VFM-UDA++: the frozen DINOv2 whose features the student distils
+    if cfg.feature_distill_lambda > 0: target = hold_in_dtype_(FrozenFeatureTarget(cfg.feature_target, cfg.feature_target_size,
+                                                                                   cfg.feature_target_weights).to(device), autocast_dtype(cfg.precision, device))
     # a fixed attention leaves the attention head unused; a DINOv2 encoder's mask token only serves a token-masked pass
     unused = cfg.fixed_attention is not None or hasattr(student.backbone, "mask_token")
     student = wrap_ddp(student, device, find_unused_parameters=unused)
@@ -345,7 +349,7 @@ def _train_locked(cfg: TrainConfig, stop_after: int | None, device, rank: int, w
                          schedule=cfg.lr_schedule)
             if replay is not None: out_t = replay(batch, t, generator)
             elif distiller is not None: out_t = distill_step(student, distiller, optimizer, batch, generator, amp_dtype, scaler)
-            else: out_t = dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler)
+            else: out_t = dacs_step(student, teacher, imnet, optimizer, batch, t, generator, dcfg, amp_dtype, scaler, feature_target=target)
             pending.append((t, average_logs(out_t.logs)))
             bar.update(1)
             done = t + 1

@@ -10,9 +10,9 @@ from torch import nn
 from conftest import ROOT  # noqa: F401  (puts the repository on the path like the other tests)
 from hrda.core import make_generator
 from hrda.augment import color_jitter, gaussian_blur, renormalize, strong_augment
-from hrda.dacs import (FD_CLASSES, DACSConfig, classmix_masks, confidence_weight, dacs_step, downscale_label_ratio,
-                       ema_alpha, ema_init_, ema_step_, ema_update_, feature_distance, mix_batch, pseudo_label,
-                       teacher_mode_)
+from hrda.dacs import (DACSConfig, classmix_masks, confidence_weight, dacs_step, ema_alpha, ema_init_, ema_step_,
+                       ema_update_, mix_batch, pseudo_label, teacher_mode_)
+from hrda.features import FD_CLASSES, downscale_label_ratio, feature_distance
 from hrda.optim import build_optimizer, lr_at, set_lr_
 
 

@@ -54,7 +54,27 @@ def test_vfm_uda_models_have_the_published_sizes_and_learning_rates(name, encode
     assert {g["weight_decay"] for g in opt.param_groups} == {0.01}
 
 
-@pytest.mark.parametrize("name", ["vfmuda_gta2cs_vitb", "hrda_gta2cs_dinov2b", "mic_hrda_gta2cs_dinov2b"])
+def test_vfm_uda_pp_model_has_its_sizes_and_learning_rates():
+    "DINOv2 ViT-L without its final norm and mask token, the adapter, the distillation head; the pyramid head."
+    cfg, model = meta_model("vfmudapp_gta2cs_vitl")
+    vit = sum(p.numel() for n, p in model.backbone.named_parameters() if n.startswith("vit."))
+    assert (vit, n_params(model.backbone) - vit, n_params(model.decode_head)) == (
+        304_365_568, 23_236_800 + 8_401_920, 6_918_656 + 2_432)
+    opt = build_optimizer(model, cfg.lr, cfg.weight_decay, rule=cfg.optim_groups, backbone_lr_mult=cfg.backbone_lr_mult,
+                          layer_decay=cfg.layer_decay)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    at = lambda name: lr[id(named[name])]
+    assert at("decode_head.conv_seg.weight") == at("backbone.spm.fc4.weight") == pytest.approx(2.8284e-5)
+    assert at("backbone.distill_head.feat_project.0.weight") == pytest.approx(2.8284e-5)
+    assert at("backbone.vit.blocks.23.mlp.fc1.weight") == pytest.approx(2.8284e-6)
+    assert at("backbone.vit.blocks.0.mlp.fc1.weight") == pytest.approx(2.8284e-6 * 0.9 ** 23)
+    assert at("backbone.vit.pos_embed") == pytest.approx(2.8284e-6 * 0.9 ** 24)
+    assert len(opt.param_groups) == 26  # heads and adapter, 24 blocks, the embeddings
+
+
+@pytest.mark.parametrize("name", ["vfmuda_gta2cs_vitb", "vfmudapp_gta2cs_vitl", "hrda_gta2cs_dinov2b",
+                                  "mic_hrda_gta2cs_dinov2b"])
 def test_dinov2_runs_take_a_training_forward_at_the_paper_crop(name):
     "The 1024² crop (VFM-UDA: seen at 1120; HRDA: a 512 context input and a 512 detail crop, each seen at 560)."
     cfg, model = meta_model(name)

@@ -46,7 +46,7 @@ def test_every_head_on_every_backbone(head_name, size, features):
         kw = {"in_strides": bb.strides}
         if head_name == "segformer":
             kw |= {"embed_dim": 32, "norm": "gn" if "gn" in key else "bn"}
-        elif head_name not in ("dlv2", "lightweight"):
+        elif head_name not in ("dlv2", "lightweight", "pyramid"):
             kw |= {"channels": 32, "embed_dims": 32, "norm": "gn" if "gn" in key else "bn"}
         head = create_head(head_name, bb.out_channels, 5, generator=gen(1), **kw).train()
         feats = [f.clone().requires_grad_() for f in feats]
