@@ -21,6 +21,7 @@ from .files import atomic_write, check_writable_dir
 from .mit import MIT_CONFIGS
 from .predict import LoadedModel, load_model
 from .vit import DINOV2_ARCHS
+from .vit_adapter import ADAPTER_ARCHS
 
 # %% auto #0
 __all__ = ['ONNX_FORMAT', 'EXPORTABLE_BACKBONES', 'ExportError', 'InferenceGraph', 'graph_metadata', 'default_input_size',
@@ -28,7 +29,7 @@ __all__ = ['ONNX_FORMAT', 'EXPORTABLE_BACKBONES', 'ExportError', 'InferenceGraph
 
 # %% ../nbs/08e_export.ipynb #3b85e051
 ONNX_FORMAT = "hrda-onnx-1"  # the metadata layout this module writes and `hrda.deploy` reads
-EXPORTABLE_BACKBONES: tuple[str, ...] = (*MIT_CONFIGS, *DINOV2_ARCHS, "cnn")
+EXPORTABLE_BACKBONES: tuple[str, ...] = (*MIT_CONFIGS, *DINOV2_ARCHS, *ADAPTER_ARCHS, "cnn")
 
 class ExportError(ValueError):
     "A model or a request that the exporter cannot turn into an ONNX graph."

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import load_pretrained
-from .core import IGNORE_INDEX
+from .core import IGNORE_INDEX, get_logger
 from .vit import PATCH_SIZE, DinoVisionEncoder
 
 # %% auto #0
@@ -97,6 +97,9 @@ class FrozenFeatureTarget(nn.Module):
         if size % PATCH_SIZE: raise ValueError(f"feature_target_size must be a multiple of {PATCH_SIZE}, got {size} (VFM-UDA++: 406)")
         self.encoder, self.size = DinoVisionEncoder(name, generator=generator), int(size)
         if weights is not None: load_pretrained(self.encoder, weights)
+        else: get_logger().warning(f"the frozen {name} of feature distillation has random weights: set feature_target_weights "
+                                   "to a local DINOv2 file (VFM-UDA++: dinov2_vitl14_reg4_pretrain.pth, from "
+                                   "https://github.com/facebookresearch/dinov2)")
         self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "FrozenFeatureTarget": return super().train(False)  # always in eval mode

@@ -1,5 +1,5 @@
 """ONNX export of the whole test-time inference: ONNX Runtime reproduces PyTorch's logits and `hrda predict`'s labels
-(HRDA and DAFormer, the demo CNN, MiT-B0 and a DINOv2-style ViT, several outer windows and chunked encoder passes),
+(HRDA and DAFormer, the demo CNN, MiT-B0, a DINOv2-style ViT and a ViT-Adapter, several outer windows and chunked encoder passes),
 `hrda predict --onnx` never imports the model code, and bad requests fail in one line."""
 import json
 import subprocess
@@ -24,7 +24,9 @@ pytest.importorskip("onnxruntime")
     {"backbone": "mit_b0", "backbone_kwargs": {}, "head_kwargs": {}, "attention_head_kwargs": {}},
     {"backbone": "vit_tiny14", "backbone_kwargs": {"input_scale": 1.1}, "head": "lightweight",
      "attention_head": "lightweight", "head_kwargs": {}, "attention_head_kwargs": {}},
-], ids=["hrda-cnn", "daformer-cnn", "hrda-mit_b0", "hrda-dinov2"])
+    {"backbone": "vit_tiny14_adapter", "backbone_kwargs": {"embed_dim": 64, "num_heads": 2, "input_scale": 1.1,
+     "conv_inplane": 16}, "head": "pyramid", "head_kwargs": {}, "single_scale": 1.0, "hr_crop_size": None},
+], ids=["hrda-cnn", "daformer-cnn", "hrda-mit_b0", "hrda-dinov2", "vfmuda++-adapter"])
 def test_onnx_runtime_reproduces_the_logits(tmp_path, overrides):
     torch.manual_seed(0)
     ckpt = tiny_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pth", **overrides)

@@ -136,15 +136,20 @@ def run_config(synth, out, **overrides) -> TrainConfig:
         **overrides})
 
 
-def test_vit_run_resumes_bit_for_bit(synth, tmp_path):
-    straight = run_config(synth, tmp_path / "straight")
-    split = run_config(synth, tmp_path / "split")
+def checkpoints_straight_and_resumed(make_config, synth, tmp_path):
+    "The last checkpoints of a run straight through and of the same run stopped after 2 iterations and resumed; equal."
+    straight, split = make_config(synth, tmp_path / "straight"), make_config(synth, tmp_path / "split")
     train(straight, resume=False)
     assert train(split, resume=False, stop_after=2)["iterations"] == 2
     assert train(split)["finished"]
     a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "latest.pth") for d in ("straight", "split"))
     for part in ("student", "teacher", "optimizer"):
         assert tensors_equal(a[part], b[part]), f"{part} differs after stop + resume"
+    return a, b
+
+
+def test_vit_run_resumes_bit_for_bit(synth, tmp_path):
+    a, _ = checkpoints_straight_and_resumed(run_config, synth, tmp_path)
     assert len(a["optimizer"]["param_groups"]) == 2 and a["optimizer"]["state"]
 
 

@@ -9,7 +9,6 @@ import torch
 
 from conftest import ROOT
 from hrda.backbones import create_backbone
-from hrda.checkpoint import load_checkpoint
 from hrda.config import TrainConfig, load_config
 from hrda.core import make_generator
 from hrda.dacs import DACSConfig, dacs_step, ema_init_
@@ -18,11 +17,11 @@ from hrda.optim import build_optimizer, layerwise_param_groups
 from hrda.released import load_released_checkpoint
 from hrda.scenes import SYNTH_TRAIN_IDS
 from hrda.segmentor import SegmentorConfig, build_segmentor
-from hrda.train import train
 
 sys.path.insert(0, str(ROOT / "tests"))
 from ddp_worker import SMALL  # noqa: E402
 from test_train import restore_torch_globals, tensors_equal  # noqa: E402,F401  (the fixture restores torch's globals)
+from test_vfm import checkpoints_straight_and_resumed  # noqa: E402
 
 TARGET_WIDTH = 96  # vit_tiny14's width: the frozen target of these tests
 ADAPTER = dict(backbone="vit_tiny14_adapter", head="pyramid", head_kwargs={}, single_scale=1.0, hr_crop_size=None,
@@ -175,12 +174,5 @@ def run_config(synth, out, **overrides) -> TrainConfig:
 
 
 def test_adapter_run_resumes_bit_for_bit(synth, tmp_path):
-    straight = run_config(synth, tmp_path / "straight")
-    split = run_config(synth, tmp_path / "split")
-    train(straight, resume=False)
-    assert train(split, resume=False, stop_after=2)["iterations"] == 2
-    assert train(split)["finished"]
-    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "latest.pth") for d in ("straight", "split"))
-    for part in ("student", "teacher", "optimizer"):
-        assert tensors_equal(a[part], b[part]), f"{part} differs after stop + resume"
+    a, _ = checkpoints_straight_and_resumed(run_config, synth, tmp_path)
     assert not any(k.startswith("feature_target") or "imnet" in k for k in a["student"])  # the frozen model is not saved
