@@ -176,3 +176,35 @@ def run_config(synth, out, **overrides) -> TrainConfig:
 def test_adapter_run_resumes_bit_for_bit(synth, tmp_path):
     a, _ = checkpoints_straight_and_resumed(run_config, synth, tmp_path)
     assert not any(k.startswith("feature_target") or "imnet" in k for k in a["student"])  # the frozen model is not saved
+
+
+def test_with_zero_injection_the_vit_inside_the_adapter_is_dinov2_itself():
+    "γ = 0 (the initial injectors): the blocks see DINOv2's own tokens; any other γ changes them."
+    adapter = create_backbone("vit_tiny14_adapter", input_scale=1.1, generator=make_generator(0)).eval()
+    plain = create_backbone("vit_tiny14", input_scale=1.1).eval()
+    plain.load_state_dict({k: v for k, v in adapter.state_dict().items() if k.startswith("vit.")}, strict=False)
+    seen = {}
+    for name, enc in (("adapter", adapter), ("plain", plain)):
+        enc.vit.blocks[-1].register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    x = torch.randn(2, 3, 64, 96, generator=make_generator(1))
+    with torch.no_grad():
+        adapter(x), plain(x)
+        assert torch.equal(seen["adapter"], seen["plain"])
+        adapter.interactions[1].injector.gamma.fill_(0.5)
+        adapter(x)
+    assert not torch.allclose(seen["adapter"], seen["plain"])
+
+
+def test_deformable_attention_reads_the_values_bilinearly():
+    "Each sampled point is the bilinear mix of its four neighbouring values (pixel centres at i + 0.5, zeros outside)."
+    from hrda.vit_adapter import deformable_sample
+    g = make_generator(0)
+    h, w, c = 3, 5, 2
+    value = torch.randn(1, h * w, 1, c, generator=g, dtype=torch.float64)
+    grid = value[0, :, 0].reshape(h, w, c)
+    points = torch.tensor([[0.5 / w, 0.5 / h], [1.0 / w, 0.5 / h], [2.3 / w, 1.9 / h], [-0.2 / w, 0.5 / h]], dtype=torch.float64)
+    out = deformable_sample(value, [(h, w)], points[None, :, None, None, None], torch.ones(1, 4, 1, 1, 1, dtype=torch.float64))
+    want = torch.stack([grid[0, 0], (grid[0, 0] + grid[0, 1]) / 2,
+                        0.2 * 0.6 * grid[1, 1] + 0.8 * 0.6 * grid[1, 2] + 0.2 * 0.4 * grid[2, 1] + 0.8 * 0.4 * grid[2, 2],  # (1.8, 1.4) in cells
+                        0.3 * grid[0, 0]])  # 0.7 of the point lies on the zero padding left of the map
+    assert torch.allclose(out[0], want, atol=1e-12)
