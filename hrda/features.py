@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import load_pretrained
+from .backbones import check_weights_file, load_pretrained
 from .core import IGNORE_INDEX, get_logger
-from .vit import PATCH_SIZE, DinoVisionEncoder
+from .vit import DINOV2_HELP, PATCH_SIZE, DinoVisionEncoder
 
 # %% auto #0
 __all__ = ['FD_CLASSES', 'isin_few', 'downscale_label_ratio', 'feature_distance', 'hold_in_dtype_', 'FrozenFeatureTarget',
@@ -95,6 +95,7 @@ class FrozenFeatureTarget(nn.Module):
                 ):
         super().__init__()
         if size % PATCH_SIZE: raise ValueError(f"feature_target_size must be a multiple of {PATCH_SIZE}, got {size} (VFM-UDA++: 406)")
+        if weights is not None: check_weights_file(weights, DINOV2_HELP)  # before building a large model
         self.encoder, self.size = DinoVisionEncoder(name, generator=generator), int(size)
         if weights is not None: load_pretrained(self.encoder, weights)
         else: get_logger().warning(f"the frozen {name} of feature distillation has random weights: set feature_target_weights "
