@@ -115,23 +115,35 @@ class DinoVisionEncoder(nn.Module):
         u = torch.rand(batch, n_tokens, generator=g, device=g.device if g is not None else "cpu")
         return (u < self.token_mask_ratio).to(device)
 
-    def tokens(self, x: torch.Tensor, # (B, 3, H, W) normalised
-              ) -> tuple[torch.Tensor, tuple[int, int]]:
-        "(all tokens after the final norm (B, prefix + gh·gw, D), (gh, gw))."
+    def model_input(self, x: torch.Tensor, # (B, 3, H, W) normalised
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
+        "(the input as the ViT sees it: resized by `input_scale` to whole patches, its token grid (gh, gw))."
         gh, gw = self.grid_of(*x.shape[-2:])
         if self.input_scale is not None:
             x = F.interpolate(x, size=(gh * PATCH_SIZE, gw * PATCH_SIZE), mode="bilinear", align_corners=False)
+        return x, (gh, gw)
+
+    def embed(self, x: torch.Tensor, # (B, 3, 14·gh, 14·gw) from `model_input`
+              grid: tuple[int, int], # (gh, gw)
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        "(class and register tokens (B, n, D), patch tokens with their positions (B, gh·gw, D)); masked in training if asked."
         vit = self.vit
         t = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
         mask = self.draw_token_mask(t.shape[0], t.shape[1], t.device)
         if mask is not None: t = torch.where(mask[..., None], self.mask_token.to(t.dtype), t)
-        t = t + self.position_embeddings(gh, gw, t.dtype)
+        t = t + self.position_embeddings(*grid, t.dtype)
         cls = vit.cls_token.expand(t.shape[0], -1, -1)
         if not vit.no_embed_class: cls = cls + vit.pos_embed[:, :1]
-        prefix = [cls] + ([vit.reg_token.expand(t.shape[0], -1, -1)] if self.num_registers else [])
-        t = vit.norm_pre(torch.cat([*prefix, t], dim=1))
-        for block in vit.blocks: t = block(t)
-        return vit.norm(t), (gh, gw)
+        return torch.cat([cls] + ([vit.reg_token.expand(t.shape[0], -1, -1)] if self.num_registers else []), 1), t
+
+    def tokens(self, x: torch.Tensor, # (B, 3, H, W) normalised
+              ) -> tuple[torch.Tensor, tuple[int, int]]:
+        "(all tokens after the final norm (B, prefix + gh·gw, D), (gh, gw))."
+        x, grid = self.model_input(x)
+        prefix, t = self.embed(x, grid)
+        t = self.vit.norm_pre(torch.cat([prefix, t], dim=1))
+        for block in self.vit.blocks: t = block(t)
+        return self.vit.norm(t), grid
 
     def forward(self, x: torch.Tensor, # (B, 3, H, W) normalised
                ) -> list[torch.Tensor]: # one map (B, D, gh, gw): the last layer's patch tokens

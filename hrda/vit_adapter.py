@@ -300,22 +300,15 @@ class DinoAdapterEncoder(DinoVisionEncoder):
                ) -> list[torch.Tensor]: # [f1, f2, f3, f4]: (B, D, h_s, w_s) at strides s = 4, 8, 16, 32 of the ViT's input
         if self.training and self.token_mask_ratio > 0:
             raise ValueError("the ViT-Adapter encoder cannot hide tokens: use mic_mask=blocks (VFM-UDA++ hides 64-px blocks)")
-        gh, gw = self.grid_of(*x.shape[-2:])
-        if self.input_scale is not None:
-            x = F.interpolate(x, size=(gh * PATCH_SIZE, gw * PATCH_SIZE), mode="bilinear", align_corners=False)
+        x, (gh, gw) = self.model_input(x)  # the ViT and the spatial prior see the same (resized) image
         c1, *pyramid = self.spm(x)
         shapes = [tuple(m.shape[-2:]) for m in pyramid]
         c = tokens_of([m + e[None, :, None, None] for m, e in zip(pyramid, self.level_embed)])
         refs = (reference_points([(gh, gw)], x.device), reference_points(shapes, x.device))
-        vit, B = self.vit, x.shape[0]
-        t = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        t = t + self.position_embeddings(gh, gw, t.dtype)
-        cls = vit.cls_token.expand(B, -1, -1)
-        if not vit.no_embed_class: cls = cls + vit.pos_embed[:, :1]
-        prefix = torch.cat([cls] + ([vit.reg_token.expand(B, -1, -1)] if self.num_registers else []), 1)
-        stage_maps = []
+        prefix, t = self.embed(x, (gh, gw))
+        stage_maps, B = [], x.shape[0]
         for block, (lo, hi) in zip(self.interactions, self.stages):
-            t, prefix, c = block(t, prefix, c, vit.blocks[lo:hi], (gh, gw), shapes, refs)
+            t, prefix, c = block(t, prefix, c, self.vit.blocks[lo:hi], (gh, gw), shapes, refs)
             stage_maps.append(t.transpose(1, 2).reshape(B, -1, gh, gw))
         c2, c3, c4 = maps_of(c, shapes)
         up = self.up(c2)
