@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -50,6 +51,11 @@ def reference_points(shapes: Sequence[tuple[int, int]], # (h, w) of each level
     return torch.cat(points)[None, :, None]
 
 # %% ../nbs/03_vit_adapter.ipynb #97cd6203
+@functools.lru_cache(maxsize=64)
+def _level_sizes(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    "(L, 2) float32 (w, h) of each level, the (x, y) order of the offsets; made once per shapes and device, not per forward."
+    return torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=device)
+
 class MultiScaleDeformableAttention(nn.Module):
     "Deformable attention of queries over L value levels: M heads, P points per head and level (Deformable DETR)."
     def __init__(self, dim: int, # D, the width of queries and values
@@ -95,7 +101,7 @@ class MultiScaleDeformableAttention(nn.Module):
         v = self.value_proj(value).reshape(B, value.shape[1], M, -1)
         offsets = self.sampling_offsets(query).reshape(B, Nq, M, L, P, 2)
         weights = self.attention_weights(query).reshape(B, Nq, M, L * P).softmax(-1).reshape(B, Nq, M, L, P)
-        cells = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)  # (x, y) order
+        cells = _level_sizes(tuple(map(tuple, shapes)), query.device)
         dev = query.device.type  # float32 sampling under any autocast (the meta device has none)
         with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
             where = reference.float()[:, :, None, :, None, :] + offsets.float() / cells[None, None, None, :, None, :]
@@ -239,7 +245,7 @@ def convert_adapter_state_dict(state_dict: dict[str, torch.Tensor], # VFM-UDA++ 
     adapter = {k: v for k, v in sd.items() if k.startswith(ADAPTER_PARTS)}
     vit, vit_fmt = convert_dinov2_state_dict({k: v for k, v in sd.items() if k not in adapter}, num_registers)
     drop = ("mask_token", "vit.norm.weight", "vit.norm.bias")  # parts of DINOv2 the adapter does not use
-    return {**{k: v for k, v in vit.items() if k not in drop}, **adapter}, fmt or ("vfm-uda++" if adapter and vit_fmt == "original" else vit_fmt)
+    return {**{k: v for k, v in vit.items() if k not in drop}, **adapter}, fmt or ("vfm-uda++" if adapter and vit_fmt != "native" else vit_fmt)
 
 class DinoAdapterEncoder(DinoVisionEncoder):
     "A DINOv2 ViT with ViT-Adapter: (B, 3, H, W) → 4 maps of width D at strides 4, 8, 16 and 32 of the ViT's input."
@@ -325,7 +331,7 @@ class DinoAdapterEncoder(DinoVisionEncoder):
     def check_weights(self, state_dict: dict[str, torch.Tensor], path: str = "the weights") -> list[str]:
         "DINOv2's size checks; a note when the file holds no adapter (it then starts from its initialisation)."
         check_dinov2_weights(self, {**state_dict, "mask_token": torch.zeros(1)}, path)  # the adapter has no mask token
-        if any(k.startswith(ADAPTER_PARTS[:4]) for k in state_dict): return []
+        if any(k.startswith(("spm.", "interactions.")) for k in state_dict): return []
         return [f"{path} holds no ViT-Adapter weights: the adapter starts from its initialisation; VFM-UDA++ starts from "
                 f"the adapter pre-trained on ImageNet-1k (dinov2_<size>_with_vitadapter_pretraining_in1k_step50000.ckpt)"]
 
